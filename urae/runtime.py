@@ -1,0 +1,192 @@
+"""The high-resolution FLUX runtime: NTK-scaled RoPE, proportional attention, static timestep shift.
+
+One place turns a stock diffusers FLUX transformer (or pipeline) into the URAE runtime, for training,
+sampling and inference alike. Every change is undone on exit, and with the settings off the model is
+bit-identical to stock diffusers (the original RoPE theta and processor objects are put back).
+
+    settings = HighResSettings(ntk_factor=10, proportional_attention=True)
+    with apply_highres(pipe, settings):
+        pipe(...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from contextlib import contextmanager
+
+import torch
+
+FLUX_ROPE_THETA = 10000
+# N0 = 512 text tokens + 64 x 64 image tokens: the sequence length FLUX.1 was trained at (1024²).
+DEFAULT_BASE_SEQ_LEN = 512 + 64 * 64
+
+
+@dataclasses.dataclass(frozen=True)
+class HighResSettings:
+    """What the URAE runtime changes. Defaults are stock FLUX (every change off)."""
+
+    ntk_factor: float = 1.0  # RoPE theta = 10000 * ntk_factor on all axes
+    proportional_attention: bool = False  # softmax scale sqrt(log N / log N0) / sqrt(d)
+    base_seq_len: int = DEFAULT_BASE_SEQ_LEN  # N0
+    shift: float | None = None  # static timestep shift; None = the scheduler config's `shift`
+    dynamic_shift: bool = False  # FLUX's resolution-dependent mu (off for URAE: it saturates at 4K)
+
+    def __post_init__(self):
+        if not (isinstance(self.ntk_factor, (int, float)) and math.isfinite(self.ntk_factor) and self.ntk_factor > 0):
+            raise ValueError(f"ntk_factor must be a positive number, got {self.ntk_factor!r}")
+        if int(self.base_seq_len) < 2:
+            raise ValueError(f"base_seq_len must be >= 2, got {self.base_seq_len!r}")
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"shift must be positive, got {self.shift!r}")
+        if self.shift is not None and self.dynamic_shift:
+            raise ValueError("give either a static shift or dynamic_shift, not both")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HighResSettings:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in known:
+                close = difflib.get_close_matches(k, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown high-res runtime option {k!r}{hint}; known: {', '.join(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def for_resolution(cls, width: int, height: int, **overrides) -> HighResSettings:
+        """URAE's inference settings by target size: NTK 10 + proportional attention from 2048² on."""
+        check_resolution(width, height)
+        hi = width * height >= 2048 * 2048 or max(width, height) >= 2048
+        base = {"ntk_factor": 10.0, "proportional_attention": True} if hi else {}
+        return cls.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def check_resolution(width: int, height: int) -> None:
+    """FLUX packs 2x2 latent patches of an 8x VAE: pixel sizes must be multiples of 16."""
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v <= 0 or v % 16:
+            raise ValueError(f"{name}={v!r} is not a positive multiple of 16 (FLUX needs multiples of 16, e.g. "
+                             f"{max(16, round((v if isinstance(v, (int, float)) else 16) / 16) * 16)})")
+
+
+def attention_scale(seq_len: int, head_dim: int, base_seq_len: int = DEFAULT_BASE_SEQ_LEN) -> float:
+    """Proportional attention's softmax scale for a sequence of seq_len tokens."""
+    return math.sqrt(math.log(seq_len) / math.log(base_seq_len)) / math.sqrt(head_dim)
+
+
+def image_seq_len(width: int, height: int) -> int:
+    """Image tokens of a width x height picture: 8x VAE then 2x2 patches."""
+    return (height // 16) * (width // 16)
+
+
+def _attention_modules(transformer):
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    return [m for m in transformer.modules() if isinstance(m, FluxAttention)]
+
+
+def _add_proportional_hooks(transformer, base_seq_len: int) -> list:
+    """Hooks on every FLUX attention module that set the softmax scale for the length of each call.
+
+    The processors stay the installed diffusers' own (IP-adapter and backend settings included); the scale
+    reaches the attention kernel through `dispatch_attention_fn`, so every backend (SDPA, flash, …) honours it.
+    """
+    _install_scaled_dispatch()
+
+    def pre(module, args, kwargs):
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        seq = hs.shape[1] + (ehs.shape[1] if ehs is not None else 0)
+        _scale_stack.append(attention_scale(seq, module.head_dim, base_seq_len))
+
+    def post(module, args, kwargs, output):
+        _scale_stack.pop()
+
+    handles = []
+    for m in _attention_modules(transformer):
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+    return handles
+
+
+# Softmax scales of the attention calls in progress (innermost last); empty outside them.
+_scale_stack: list[float] = []
+
+
+def _install_scaled_dispatch():
+    """Route the FLUX module's `dispatch_attention_fn` through one that applies the active scale.
+
+    Only calls made inside a hooked attention module see a scale; all others pass through unchanged,
+    so other models and stock processors are unaffected.
+    """
+    from diffusers.models.transformers import transformer_flux as tf
+
+    if getattr(tf.dispatch_attention_fn, "_urae_scaled", False):
+        return
+    original = tf.dispatch_attention_fn
+
+    def dispatch_attention_fn(*args, **kwargs):
+        if _scale_stack and kwargs.get("scale") is None:
+            kwargs["scale"] = _scale_stack[-1]
+        return original(*args, **kwargs)
+
+    dispatch_attention_fn._urae_scaled = True
+    tf.dispatch_attention_fn = dispatch_attention_fn
+
+
+def _transformer_of(model):
+    t = getattr(model, "transformer", model)
+    if not hasattr(t, "pos_embed") or not hasattr(t, "attn_processors"):
+        raise TypeError(f"expected a FLUX transformer or pipeline, got {type(model).__name__}")
+    return t
+
+
+@contextmanager
+def apply_highres(model, settings: HighResSettings | dict | None = None):
+    """Apply `settings` to a FLUX transformer or pipeline for the duration of the block.
+
+    For a pipeline, the scheduler is replaced by one with the requested shift and restored afterwards.
+    """
+    if settings is None:
+        settings = HighResSettings()
+    elif isinstance(settings, dict):
+        settings = HighResSettings.from_dict(settings)
+    transformer = _transformer_of(model)
+    old_theta = transformer.pos_embed.theta
+    hooks: list = []
+    scheduler = getattr(model, "scheduler", None)
+    try:
+        if settings.ntk_factor != 1:
+            transformer.pos_embed.theta = FLUX_ROPE_THETA * settings.ntk_factor
+        if settings.proportional_attention:
+            hooks = _add_proportional_hooks(transformer, settings.base_seq_len)
+        if scheduler is not None:
+            model.scheduler = shifted_scheduler(scheduler, settings)
+        yield model
+    finally:
+        transformer.pos_embed.theta = old_theta
+        for h in hooks:
+            h.remove()
+        if scheduler is not None:
+            model.scheduler = scheduler
+
+
+def shifted_scheduler(scheduler, settings: HighResSettings):
+    """A copy of a flow-matching scheduler with URAE's timestep shift (static unless dynamic is asked)."""
+    if settings.dynamic_shift:
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            raise ValueError("dynamic_shift needs a scheduler config with base/max_shift (FLUX.1-dev's)")
+        return scheduler
+    shift = settings.shift if settings.shift is not None else scheduler.config.get("shift", 1.0)
+    return type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False, shift=shift)
+
+
+def rope_frequencies(transformer, axis: int = 0) -> torch.Tensor:
+    """The base angular frequencies of one RoPE axis as the transformer computes them (for checks)."""
+    dim = transformer.pos_embed.axes_dim[axis]
+    theta = transformer.pos_embed.theta
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
