@@ -1,0 +1,171 @@
+"""TOML configs with command-line overrides of the same names (sd-scripts style).
+
+A tool declares its keys once as `Option`s; `resolve` merges defaults, `--config FILE` and
+`--key value` flags (command line wins), rejects unknown keys with the closest known name, and
+checks types. Both entry points use it, so their TOML files and flags behave alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    type: type  # bool, int, float, str, list (of str) or dict
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    aliases: tuple[str, ...] = ()
+    repeat: bool = False  # list options that may be given several times on the command line
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(opt: Option, value, source: str):
+    if value is None:
+        return None
+    t = opt.type
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if t is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if t is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if t is list:
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        if t is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {opt.name} = {value!r} is not a valid {t.__name__}") from None
+    raise TypeError(opt.type)
+
+
+def _check_choice(opt: Option, value, source: str):
+    if opt.choices is not None and value is not None and value not in opt.choices:
+        raise ConfigError(f"{source}: {opt.name} = {value!r}; choose one of {', '.join(map(str, opt.choices))}")
+    return value
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    import toml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        return toml.load(p)
+    except toml.TomlDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from e
+
+
+def flatten_sections(d: dict, sections: tuple[str, ...] = ()) -> dict:
+    """Allow `[section]` tables for readability: their keys are flattened (sd-scripts does the same)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in sections:
+            out.update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_parser(prog: str, description: str, options: list[Option]) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", help="TOML file with any of the keys below (flags override it)")
+    for o in options:
+        names = [f"--{o.name}"] + [f"--{a}" for a in o.aliases]
+        kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS, "help": o.help or None}
+        if o.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif o.type is list:
+            kw["action"] = "append" if o.repeat else "store"
+            if not o.repeat:
+                kw["nargs"] = "+"
+        elif o.type is dict:
+            kw["type"] = str
+        else:
+            kw["metavar"] = o.type.__name__.upper()
+        ap.add_argument(*names, **kw)
+    return ap
+
+
+def resolve(options: list[Option], argv: list[str] | None, prog: str, description: str,
+            sections: tuple[str, ...] = ()) -> dict:
+    """Defaults < TOML (`--config`) < command line. Unknown keys anywhere are errors with a suggestion."""
+    by_name = {o.name: o for o in options}
+    alias = {a: o.name for o in options for a in o.aliases}
+    ap = build_parser(prog, description, options)
+    ns, unknown = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        ap.error(f"unknown option {flag}{_suggest(flag.lstrip('-').split('=')[0], list(by_name) + ['config'])}")
+    cli = vars(ns)
+    cfg: dict[str, Any] = {o.name: o.default for o in options}
+    sources = {o.name: "default" for o in options}
+    path = cli.pop("config", None)
+    if path:
+        for k, v in flatten_sections(read_toml(path), sections).items():
+            k = alias.get(k, k)
+            if k not in by_name:
+                raise ConfigError(f"{path}: unknown key {k!r}{_suggest(k, by_name)}")
+            cfg[k] = _check_choice(by_name[k], _coerce(by_name[k], v, path), path)
+            sources[k] = "config"
+    for k, v in cli.items():
+        o = by_name[k]
+        if o.type is dict and isinstance(v, str):
+            import toml
+
+            try:
+                v = toml.loads(f"x = {v}")["x"]
+            except toml.TomlDecodeError as e:
+                raise ConfigError(f"--{k}: not an inline TOML table like {{a = 1}}: {e}") from e
+        cfg[k] = _check_choice(o, _coerce(o, v, "command line"), "command line")
+        sources[k] = "command line"
+    cfg["_sources"] = sources
+    cfg["_config_file"] = path
+    return cfg
+
+
+def format_table(cfg: dict, only_changed: bool = False) -> str:
+    """A compact two-column table of the resolved config (the one-line-per-key summary users see)."""
+    rows = [(k, v) for k, v in cfg.items() if not k.startswith("_")
+            and (not only_changed or cfg.get("_sources", {}).get(k) != "default")]
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"  {k:<{width}}  {v!r}" for k, v in rows)
+
+
+def to_toml(cfg: dict) -> str:
+    import toml
+
+    return toml.dumps({k: v for k, v in cfg.items() if not k.startswith("_") and v is not None})

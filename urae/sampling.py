@@ -1,0 +1,126 @@
+"""Image generation with the URAE runtime: one code path for inference and for training samples.
+
+`generate` runs text-to-image (or image-to-image when `init_image` is set) under the high-resolution
+settings; `two_stage` is the SDEdit-style hi-res path: a draft at ~1 MP, upsampled, then refined at
+the target size. VAE tiling switches on by itself above `VAE_TILING_PIXELS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+
+import torch
+from PIL import Image
+
+from urae.runtime import HighResSettings, apply_highres, check_resolution
+
+# Decoding more than 2048² at once needs more activation memory than fits beside the model on 24 GB.
+VAE_TILING_PIXELS = 2048 * 2048
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    prompt: str
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+    steps: int | None = None  # None: 28 for dev, 4 for schnell
+    guidance: float | None = None  # None: 3.5 for dev; schnell has no guidance embedding
+    max_sequence_length: int | None = None  # None: 512 dev, 256 schnell
+    init_image: Image.Image | None = None
+    strength: float = 0.6
+
+    def validate(self):
+        check_resolution(self.width, self.height)
+        if self.init_image is not None and not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+
+
+def model_defaults(transformer) -> dict:
+    """Per-variant defaults: FLUX.1-dev is guidance-distilled (has a guidance embedding), schnell is not."""
+    if transformer.config.get("guidance_embeds", False):
+        return {"variant": "dev", "steps": 28, "guidance": 3.5, "max_sequence_length": 512}
+    return {"variant": "schnell", "steps": 4, "guidance": 0.0, "max_sequence_length": 256}
+
+
+def fill_defaults(req: SampleRequest, transformer) -> SampleRequest:
+    d = model_defaults(transformer)
+    return dataclasses.replace(
+        req,
+        steps=req.steps if req.steps is not None else d["steps"],
+        guidance=req.guidance if req.guidance is not None else d["guidance"],
+        max_sequence_length=req.max_sequence_length or d["max_sequence_length"],
+    )
+
+
+@contextmanager
+def vae_tiling(vae, width: int, height: int, force: bool = False):
+    """Tile the VAE decode for large images (or when forced); restore the previous setting after."""
+    before = getattr(vae, "use_tiling", False)
+    vae.use_tiling = force or before or width * height > VAE_TILING_PIXELS
+    try:
+        yield vae.use_tiling
+    finally:
+        vae.use_tiling = before
+
+
+def generate(pipe, req: SampleRequest, settings: HighResSettings | None = None, prompt_embeds=None,
+             on_step=None, force_vae_tiling: bool = False) -> Image.Image:
+    """One image. `prompt_embeds=(t5_seq, clip_pooled)` skips the text encoders (training samples)."""
+    from diffusers import FluxImg2ImgPipeline
+
+    req = fill_defaults(req, pipe.transformer)
+    req.validate()
+    kwargs = dict(
+        height=req.height,
+        width=req.width,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance,
+        max_sequence_length=req.max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(req.seed),
+        output_type="pil",
+    )
+    if prompt_embeds is not None:
+        kwargs["prompt_embeds"], kwargs["pooled_prompt_embeds"] = prompt_embeds
+    else:
+        kwargs["prompt"] = req.prompt
+    if on_step is not None:
+        def callback(_pipe, _i, _t, tensors):
+            on_step()
+            return tensors
+
+        kwargs["callback_on_step_end"] = callback
+    runner = pipe
+    if req.init_image is not None:
+        runner = FluxImg2ImgPipeline(**pipe.components)  # shares the modules, no copies
+        kwargs["image"] = req.init_image.convert("RGB").resize((req.width, req.height), Image.LANCZOS)
+        kwargs["strength"] = req.strength
+    runner.set_progress_bar_config(disable=True)
+    with apply_highres(runner, settings), vae_tiling(pipe.vae, req.width, req.height, force_vae_tiling):
+        return runner(**kwargs).images[0]
+
+
+def draft_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """The first-stage size: same aspect ratio, long side `long_side`, multiples of 16."""
+    s = long_side / max(width, height)
+    return max(16, round(width * s / 16) * 16), max(16, round(height * s / 16) * 16)
+
+
+def steps_for(req: SampleRequest, transformer, two_stage: bool) -> int:
+    """Denoising steps a request runs (img2img runs only the strength share of them)."""
+    n = fill_defaults(req, transformer).steps
+    refine = max(1, int(n * req.strength)) if (two_stage or req.init_image is not None) else n
+    return refine + (n if two_stage and req.init_image is None else 0)
+
+
+def two_stage(pipe, req: SampleRequest, init_resolution: int, settings: HighResSettings,
+              draft_settings: HighResSettings | None = None, on_step=None,
+              force_vae_tiling: bool = False) -> Image.Image:
+    """SDEdit-style hi-res: draft at `init_resolution` (long side), upsample, refine at the target size."""
+    req.validate()
+    w, h = draft_size(req.width, req.height, init_resolution)
+    draft = generate(pipe, dataclasses.replace(req, width=w, height=h, init_image=None),
+                     draft_settings or HighResSettings.for_resolution(w, h), on_step=on_step)
+    refine = dataclasses.replace(req, init_image=draft.resize((req.width, req.height), Image.LANCZOS))
+    return generate(pipe, refine, settings, on_step=on_step, force_vae_tiling=force_vae_tiling)
