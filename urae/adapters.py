@@ -1,0 +1,66 @@
+"""Applying LoRA files to a FLUX transformer for generation, through the network module.
+
+Any file the module reads (ours, kohya, diffusers/PEFT, the URAE releases in those forms) is attached
+without touching the stored base weights, or merged into them when asked (`fuse=True`). The high-res
+runtime settings a training run wrote into a file's metadata are read back here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from urae.io import read_safetensors_header
+
+RUNTIME_METADATA_KEY = "urae_runtime"
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def check_adapter_file(path: str | os.PathLike) -> dict:
+    """Cheap validation before any model is loaded: exists, readable, has LoRA-looking keys. Returns metadata."""
+    p = Path(path).expanduser()
+    try:
+        keys, meta = read_safetensors_header(p)
+    except (FileNotFoundError, ValueError) as e:
+        raise AdapterError(f"LoRA file: {e}") from e
+    if not any(k.endswith((".lora_down.weight", ".lora_A.weight", "_a.weight", ".lora.down.weight")) for k in keys):
+        raise AdapterError(f"{p} holds no LoRA weights (keys like {sorted(keys)[:2]}); expected a LoRA .safetensors")
+    return meta
+
+
+def runtime_from_metadata(meta: dict) -> dict | None:
+    """The high-res settings a file was trained with, if it recorded them."""
+    raw = meta.get(RUNTIME_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def attach_adapters(transformer, files: list[str], scales: list[float], fuse: bool = False) -> list:
+    """Attach (or merge) each LoRA file at its scale; shape or architecture mismatches are clear errors."""
+    from networks import minor_lora
+
+    networks = []
+    for path, scale in zip(files, scales):
+        try:
+            net, sd = minor_lora.create_network_from_weights(scale, str(path), None, [], transformer,
+                                                             for_inference=True)
+            if fuse:
+                net.merge_to([], transformer, sd, dtype=transformer.dtype, device=transformer.device)
+            else:
+                net.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
+                net.load_weights(str(path))
+                net.to(device=transformer.device, dtype=transformer.dtype)
+                net.eval().requires_grad_(False)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise AdapterError(f"cannot apply LoRA {path} to this model: {e}") from e
+        networks.append(net)
+    return networks
