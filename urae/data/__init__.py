@@ -1,0 +1,41 @@
+"""Training data for URAE: datasets, aspect buckets, and on-disk caches of latents and text embeddings.
+
+At 2K-4K the VAE and the text encoders (T5-XXL ~9.5 GB in bf16) must not stay in GPU memory while
+training, and encoding a 4096² image every step would dominate the step; so data is encoded once,
+to disk, and training reads only the caches.
+
+Public API (what the trainer calls)::
+
+    from urae.data import DataOptions, build_caches, make_dataloader
+
+    options = DataOptions.from_dict(cfg["data"])          # unknown keys -> ValueError naming valid keys
+    plan = build_caches(options, pipe.components, accelerator)   # scan, bucket table, cache (resumable)
+    del pipe.vae, pipe.text_encoder, pipe.text_encoder_2  # encoders are not needed any more
+    if options.cache_only: return
+    loader = accelerator.prepare(make_dataloader(plan, batch_size=1, seed=seed))
+    for epoch in ...: loader.set_epoch(epoch)             # (plain DataLoader: loader.batch_sampler.set_epoch)
+        for batch in loader: batch["latents"], batch["t5_embeds"], batch["clip_pooled"], batch["bucket"], ...
+
+- `DataOptions` (options.py): train_data_dir, dataset_config, caption_extension, real_prompt_ratio,
+  resolution, bucket_mode, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale,
+  random_crop, cache_dir, cache_only.
+- `build_caches(options, components, accelerator=None, *, t5_max_length=None, dtype=None)` (build.py)
+  -> `CachePlan` (entries, skipped images with reasons, cache reports). Every rank caches a round-robin
+  share and waits for the others; T5 length defaults to 512, 256 when the transformer is schnell.
+- `make_dataloader(plan, batch_size, seed, shuffle, sample_posterior, num_workers)` (loader.py): batches
+  that never mix buckets: latents [B, 16, H/8, W/8] already FLUX-normalised ((z - shift) * scale,
+  applied in `CachedDataset`), t5_embeds [B, L, 4096], t5_mask [B, L], clip_pooled [B, 768], caption
+  strings and variants. The original prompt is chosen with probability real_prompt_ratio when a
+  .json side file gives both `prompt` and `generated_prompt`.
+
+Modules, one job each: options (config keys), datasets (folders, side files, dataset TOML), buckets
+(URAE and area buckets, assignment, crop geometry, table), images (decode, LANCZOS resize, crop,
+[-1, 1]), vae_encode (posterior, row-split above 2048²), latent_cache, text_cache, identity
+(fingerprints for staleness), distributed (ranks), loader, build. CLI: `python -m urae.data --help`.
+"""
+
+from urae.data.build import CachePlan, build_caches
+from urae.data.loader import make_dataloader
+from urae.data.options import DataOptions
+
+__all__ = ["CachePlan", "DataOptions", "build_caches", "make_dataloader"]

@@ -1,0 +1,80 @@
+"""Build the latent and text caches without training (also under `accelerate launch`).
+
+    python -m urae.data --model FLUX_DIR --train_data_dir IMAGES --cache_dir CACHE [--resolution 2048]
+    accelerate launch --num_processes 2 -m urae.data --model FLUX_DIR --dataset_config data.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from urae.data.build import build_caches
+from urae.data.options import DataOptions
+from urae.data.text_cache import T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m urae.data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="FLUX.1 diffusers folder (vae, tokenizers, text encoders)")
+    for f in fields(DataOptions):
+        if f.name == "cache_only":
+            continue
+        if f.type in ("bool",):
+            ap.add_argument(f"--{f.name}", action="store_true", default=None)
+        else:
+            ap.add_argument(f"--{f.name}", default=None, type=float if f.name == "real_prompt_ratio" else
+                            int if f.name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps") else str)
+    ap.add_argument("--t5_max_length", type=int, default=None, help="default: 512 dev, 256 schnell")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="model and cache dtype (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--split_threshold", type=int, default=None, help="pixels above which the VAE encode is row-split")
+    ap.add_argument("--stats_json", default=None, help="each rank writes <this>.rank<N>.json with its encode counts")
+    ap.add_argument("--no_progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import PartialState
+    from diffusers import FluxPipeline
+
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    opts = {f.name: getattr(a, f.name) for f in fields(DataOptions) if getattr(a, f.name, None) is not None}
+    if isinstance(opts.get("resolution"), str) and opts["resolution"].isdigit():
+        opts["resolution"] = int(opts["resolution"])
+    options = DataOptions.from_dict(opts)
+
+    state = PartialState()
+    device = state.device
+    dtype = _DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe = FluxPipeline.from_pretrained(a.model, transformer=None, torch_dtype=dtype)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.to(device).eval()
+    cfg = json.loads((Path(a.model) / "transformer" / "config.json").read_text())
+    t5_len = a.t5_max_length or (T5_MAX_LENGTH_DEV if cfg.get("guidance_embeds", True) else T5_MAX_LENGTH_SCHNELL)
+
+    calls = {"vae_encoder": 0, "text_encoder": 0, "text_encoder_2": 0}
+    for name, mod in (("vae_encoder", pipe.vae.encoder), ("text_encoder", pipe.text_encoder),
+                      ("text_encoder_2", pipe.text_encoder_2)):
+        mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    extra = {"split_threshold": a.split_threshold} if a.split_threshold else {}
+    plan = build_caches(options, pipe.components, state, t5_max_length=t5_len, progress=not a.no_progress, **extra)
+    stats = {"rank": state.process_index, "processes": state.num_processes, "calls": calls,
+             "latents_encoded": plan.latents.encoded, "latents_reused": plan.latents.reused,
+             "texts_encoded": plan.texts.encoded, "entries": len(plan.entries), "skipped": len(plan.skipped)}
+    if a.stats_json:
+        Path(f"{a.stats_json}.rank{state.process_index}.json").write_text(json.dumps(stats))
+    if state.is_main_process:
+        print(f"caches ready: {len(plan.entries)} images, {len(plan.skipped)} skipped")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
