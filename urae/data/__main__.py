@@ -1,7 +1,9 @@
 """Build the latent and text caches without training (also under `accelerate launch`).
 
     python -m urae.data --model FLUX_DIR --train_data_dir IMAGES --cache_dir CACHE [--resolution 2048]
-    accelerate launch --num_processes 2 -m urae.data --model FLUX_DIR --dataset_config data.toml
+    accelerate launch --multi_gpu --num_processes 2 -m urae.data --model FLUX_DIR --dataset_config data.toml
+
+(`--multi_gpu` also on CPU-only machines: accelerate's `--cpu` launcher starts one process unless MPI is set up.)
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         opts["resolution"] = int(opts["resolution"])
     options = DataOptions.from_dict(opts)
 
-    state = PartialState()
+    # Without CUDA, cpu=True makes accelerate use gloo across the processes `accelerate launch` started.
+    state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     dtype = _DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = FluxPipeline.from_pretrained(a.model, transformer=None, torch_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(a.model, transformer=None, dtype=dtype)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.to(device).eval()
     cfg = json.loads((Path(a.model) / "transformer" / "config.json").read_text())
