@@ -1,0 +1,99 @@
+"""Training states for resume: one folder per step, written atomically, the newest complete one found.
+
+    <output_dir>/state-0000100/  adapter.safetensors  optimizer.pt  scheduler.pt  train_state.json
+
+`train_state.json` is written last, so a folder without it is incomplete; the folder is built under
+a temporary name and renamed, so a crash mid-save never leaves a half state under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_RE = re.compile(r"^state-(\d{7})$")
+RUN_MARKER = "train_config.toml"
+
+
+def state_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"state-{step:07d}"
+
+
+def list_states(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete states, oldest first."""
+    out = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        m = STATE_RE.match(p.name)
+        if m and p.is_dir() and (p / "train_state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_state(output_dir: Path, step: int, network, optimizer, scheduler, extra: dict,
+               adapter_metadata: dict) -> Path:
+    final = state_dir(output_dir, step)
+    tmp = Path(tempfile.mkdtemp(prefix=".state-tmp-", dir=output_dir))
+    try:
+        network.save_weights(str(tmp / "adapter.safetensors"), None, adapter_metadata)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "train_state.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_state(path: Path, network, optimizer, scheduler) -> dict:
+    path = Path(path)
+    if not (path / "train_state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete training state (no train_state.json)")
+    network.load_weights(str(path / "adapter.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "train_state.json").read_text())
+
+
+def prune_states(output_dir: Path, step: int, keep_last_n_steps: int | None) -> None:
+    """sd-scripts' save_last_n_steps: drop states older than step - N (the newest is always kept)."""
+    if not keep_last_n_steps:
+        return
+    for s, p in list_states(output_dir)[:-1]:
+        if s < step - keep_last_n_steps:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        states = list_states(output_dir)
+        return states[-1][1] if states else None
+    p = Path(resume)
+    if not (p / "train_state.json").is_file():
+        raise FileNotFoundError(f"resume: {p} is not a complete training state folder (state-NNNNNNN)")
+    return p
+
+
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool, output_name: str) -> None:
+    """Refuse to mix runs: a folder with another run's files needs --resume or --overwrite."""
+    if resuming or overwrite or not output_dir.is_dir():
+        return
+    clash = [p.name for p in output_dir.iterdir()
+             if p.name == RUN_MARKER or STATE_RE.match(p.name) or p.name == f"{output_name}.safetensors"]
+    if clash:
+        raise FileExistsError(f"{output_dir} already holds a training run ({', '.join(sorted(clash)[:3])}); "
+                              f"pass --resume auto to continue it, --overwrite to start over there, "
+                              f"or choose another --output_dir")

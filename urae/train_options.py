@@ -1,0 +1,110 @@
+"""The training config keys (sd-scripts names where one exists) and their checks."""
+
+from __future__ import annotations
+
+from urae.config import ConfigError, Option
+from urae.flow import TIMESTEP_SAMPLING, TRAIN_GUIDANCE
+from urae.optim import OPTIMIZERS, SCHEDULERS
+
+DATA_KEYS = ("train_data_dir", "dataset_config", "caption_extension", "real_prompt_ratio", "resolution",
+             "bucket_mode", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+             "random_crop", "cache_dir", "cache_only")
+
+OPTIONS = [
+    # model
+    Option("pretrained_model_name_or_path", str, "black-forest-labs/FLUX.1-dev", "FLUX.1 diffusers folder or hub id"),
+    Option("transformer", str, None, "single-file transformer checkpoint (BFL layout) to use instead"),
+    Option("demo", bool, False, "build the tiny offline model and procedural dataset at the configured paths"),
+    # data (urae.data)
+    Option("train_data_dir", str, None, "folder of images with .txt/.json captions"),
+    Option("dataset_config", str, None, "sd-scripts dataset TOML"),
+    Option("caption_extension", str, ".txt", "caption side-file extension"),
+    Option("real_prompt_ratio", float, 0.5, "probability of the original prompt over the generated caption"),
+    Option("resolution", str, "2048", "base size: long side of URAE buckets (or 'W,H')"),
+    Option("bucket_mode", str, "urae", "aspect buckets", choices=("urae", "area")),
+    Option("min_bucket_reso", int, None, "area buckets: smallest side"),
+    Option("max_bucket_reso", int, None, "area buckets: largest side"),
+    Option("bucket_reso_steps", int, 64, "area buckets: side step (multiple of 16)"),
+    Option("bucket_no_upscale", bool, False, "never enlarge images; use a smaller bucket instead"),
+    Option("random_crop", bool, False, "random instead of centre crop"),
+    Option("cache_dir", str, None, "where latent/text caches go (default: beside the images)"),
+    Option("cache_only", bool, False, "build the caches and stop"),
+    Option("t5_max_length", int, None, "T5 tokens (default 512 dev, 256 schnell)"),
+    # adapter
+    Option("network_module", str, "networks.minor_lora", "the network module (sd-scripts interface)"),
+    Option("network_dim", int, 16, "LoRA rank r"),
+    Option("network_alpha", float, 16.0, "LoRA alpha (scale = alpha / r)"),
+    Option("network_args", list, [], "module options as key=value (init=minor, targets=urae, …)"),
+    Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one)"),
+    # high-res runtime
+    Option("ntk_factor", float, 1.0, "RoPE theta = 10000 x ntk_factor"),
+    Option("proportional_attention", bool, False, "softmax scale sqrt(log N / log 4608) / sqrt(d)"),
+    # objective
+    Option("guidance_scale", float, TRAIN_GUIDANCE, "guidance embedding in training: must be 1 for FLUX.1-dev"),
+    Option("allow_training_guidance", bool, False, "expert override: train with guidance_scale != 1"),
+    Option("timestep_sampling", str, "uniform", "training timesteps", choices=TIMESTEP_SAMPLING),
+    Option("sigmoid_scale", float, 1.0, "scale for sigmoid/shift timestep sampling"),
+    Option("discrete_flow_shift", float, 3.0, "shift for timestep_sampling = shift"),
+    # optimisation
+    Option("max_train_steps", int, 2000, "optimizer steps"),
+    Option("learning_rate", float, 1.0, "learning rate (1.0 for Prodigy)"),
+    Option("train_batch_size", int, 1, "batch per process"),
+    Option("gradient_accumulation_steps", int, 1, "micro-batches per optimizer step"),
+    Option("optimizer_type", str, "prodigy", "optimizer", choices=OPTIMIZERS),
+    Option("optimizer_args", list, [], "optimizer options as key=value (weight_decay=1e-4, …)"),
+    Option("lr_scheduler", str, "constant", "LR schedule", choices=SCHEDULERS),
+    Option("lr_warmup_steps", int, 0, "warm-up steps"),
+    Option("max_grad_norm", float, 1.0, "gradient clipping (0 = off)"),
+    Option("mixed_precision", str, "auto", "bf16 on GPU, fp32 on CPU by default", choices=("auto", "no", "bf16", "fp16")),
+    Option("gradient_checkpointing", bool, True, "recompute activations in backward (needed at 2K/4K)"),
+    Option("seed", int, 0, "seed for everything random"),
+    # outputs
+    Option("output_dir", str, "out", "where adapters, states, samples and logs go"),
+    Option("output_name", str, "urae", "final file: <output_dir>/<output_name>.safetensors"),
+    Option("save_every_n_steps", int, None, "save adapter + training state every N steps"),
+    Option("save_last_n_steps", int, None, "keep only states from the last N steps"),
+    Option("save_precision", str, "fp32", "adapter file dtype", choices=("fp32", "bf16", "fp16")),
+    Option("resume", str, None, "'auto' (newest state in output_dir) or a state folder"),
+    Option("overwrite", bool, False, "allow output_dir to hold another run's files"),
+    Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--l flags allowed)"),
+    Option("sample_every_n_steps", int, None, "make samples every N steps"),
+    Option("sample_at_first", bool, False, "also make samples before training"),
+    Option("sample_resolution", str, None, "sample size 'W,H' (default: the base resolution)"),
+    Option("sample_steps", int, None, "sample denoising steps (default 28 dev, 4 schnell)"),
+    Option("log_with", str, None, "tensorboard (when installed)", choices=("tensorboard", "none")),
+    Option("logging_dir", str, None, "TensorBoard folder (default <output_dir>/logs)"),
+]
+
+
+def check(cfg: dict) -> None:
+    """Cross-key rules and the URAE guidance rule."""
+    if cfg["guidance_scale"] != TRAIN_GUIDANCE and not cfg["allow_training_guidance"]:
+        raise ConfigError(
+            f"guidance_scale = {cfg['guidance_scale']} refused: FLUX.1-dev is guidance-distilled, and URAE trains "
+            f"with the guidance embedding fixed at 1 (paper §3.4); use 3.5 only at inference. Set "
+            f"allow_training_guidance = true to override (expert use).")
+    for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "network_dim"):
+        if cfg[k] < 1:
+            raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
+    for k in ("save_every_n_steps", "sample_every_n_steps", "save_last_n_steps"):
+        if cfg[k] is not None and cfg[k] < 1:
+            raise ConfigError(f"{k} must be >= 1 (or unset), got {cfg[k]}")
+    if cfg["ntk_factor"] <= 0:
+        raise ConfigError(f"ntk_factor must be > 0, got {cfg['ntk_factor']}")
+    if not cfg["train_data_dir"] and not cfg["dataset_config"]:
+        raise ConfigError("no training data: set train_data_dir (a folder) or dataset_config (an sd-scripts TOML)")
+    if (cfg["sample_every_n_steps"] or cfg["sample_at_first"]) and not cfg["sample_prompts"]:
+        raise ConfigError("sample_every_n_steps/sample_at_first need sample_prompts (a prompts file)")
+
+
+def network_kwargs(cfg: dict) -> dict:
+    """`network_args` strings -> kwargs for create_network (kept as strings, as sd-scripts passes them)."""
+    out = {}
+    for item in cfg["network_args"]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"network_args: {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    if cfg["base_lora"]:
+        out["base_lora"] = cfg["base_lora"]
+    return out
