@@ -345,6 +345,8 @@ class _TargetMap:
                 )
             coef = alpha / rank * multiplier
             for m, a, b, fa, fb in parts:
+                if len(parts) > 1 and not up[fa:fb].any():
+                    continue  # an unadapted part of a fused weight (e.g. the MLP rows of linear1)
                 out.append((m, a, b, down, up[fa:fb] * coef))
         if unmatched and strict:
             if len(unmatched) == len(groups) or not out:
@@ -683,6 +685,7 @@ class MinorLoRANetwork(nn.Module):
             self._build(linears, text_encoders, rank_pattern, alpha_pattern)
         for lora in self.unet_loras + self.text_encoder_loras:
             lora._network = weakref.ref(self)
+        self._ensure_paths()
         names = [lo.lora_name for lo in self.unet_loras + self.text_encoder_loras]
         if len(set(names)) != len(names):
             raise ValueError("duplicated LoRA module names")
