@@ -87,8 +87,8 @@ def check(cfg: dict) -> None:
         if cfg[k] < 1:
             raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
     for k in ("save_every_n_steps", "sample_every_n_steps", "save_last_n_steps"):
-        if cfg[k] is not None and cfg[k] < 1:
-            raise ConfigError(f"{k} must be >= 1 (or unset), got {cfg[k]}")
+        if cfg[k] is not None and cfg[k] < 0:
+            raise ConfigError(f"{k} must be >= 0 (0 or unset = off), got {cfg[k]}")
     if cfg["ntk_factor"] <= 0:
         raise ConfigError(f"ntk_factor must be > 0, got {cfg['ntk_factor']}")
     if not cfg["train_data_dir"] and not cfg["dataset_config"]:

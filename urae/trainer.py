@@ -77,11 +77,14 @@ def _seed_for(seed: int, micro: int, rank: int, world: int) -> int:
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    """Average across ranks as reduce-to-0 then broadcast: the same traffic as an all-reduce, and every rank
+    gets bit-identical values (gloo's all-reduce can round differently per rank, and adapters would drift)."""
     if world == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
+    torch.distributed.reduce(flat, dst=0)
     flat /= world
+    torch.distributed.broadcast(flat, src=0)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset: offset + t.numel()].view_as(t))
@@ -214,6 +217,9 @@ def train(cfg: dict) -> int:
     resume_path = resolve_resume(out_dir, cfg["resume"])
     check_output_dir(out_dir, resume_path is not None, cfg["overwrite"], cfg["output_name"])
     mp = _mixed_precision(cfg)
+    if cfg["guidance_scale"] != 1.0:
+        log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
+                    f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
     tb = cfg["log_with"] == "tensorboard"
     if tb:
         try:
@@ -225,6 +231,11 @@ def train(cfg: dict) -> int:
                               project_dir=cfg["logging_dir"] or str(out_dir / "logs"))
     rank, world, device, main = (accelerator.process_index, accelerator.num_processes, accelerator.device,
                                  accelerator.is_main_process)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != world:
+        # accelerate on a machine without GPUs starts the processes but treats each as alone
+        raise ConfigError(f"{torch.distributed.get_world_size()} processes were launched but accelerate sees "
+                          f"{world}; on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
+                          f"accelerate launch --multi_gpu --num_processes N …")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print("training config:\n" + format_table(cfg), flush=True)
@@ -377,7 +388,12 @@ def train(cfg: dict) -> int:
                 make_samples(cfg, parts, prompts, done, out_dir, network, settings, device)
             accelerator.wait_for_everyone()
         bar.close()
+        if not _ranks_agree(trainable, device, world):
+            raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
+                                  "report it with your accelerate config")
         if main:
+            if world > 1:
+                print(f"adapter identical on all {world} processes")
             final = out_dir / f"{cfg['output_name']}.safetensors"
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["save_precision"], torch.float32)
             network.save_weights(str(final), dtype, meta(cfg, cfg["max_train_steps"]))
@@ -392,6 +408,18 @@ def train(cfg: dict) -> int:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return 0
+
+
+def _ranks_agree(params: list[torch.Tensor], device, world: int) -> bool:
+    """Every rank must hold the same adapter after training; compare a checksum across ranks."""
+    if world == 1:
+        return True
+    c = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in params])
+    c = c.reshape(-1).to(device)
+    hi, lo = c.clone(), c.clone()
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    return bool(torch.equal(hi, lo))
 
 
 def _current_lr(optimizer) -> float:
