@@ -104,8 +104,8 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
                   chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> LatentCacheReport:
     """Make sure every item has a valid latent file; this rank encodes its round-robin share.
 
-    Returns this rank's report; after the final barrier the main rank re-checks every file, so its
-    `failed` lists every image that has no cache (whichever rank tried it).
+    Returns this rank's counts; after the final barrier every rank re-checks every file, so `failed`
+    lists every image that has no cache, whichever rank tried it.
     """
     from tqdm.auto import tqdm
 
@@ -158,8 +158,9 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
             bar.update(1)
     bar.close()
     ranks.barrier()
-    if ranks.is_main and ranks.count > 1:
-        # One complete cache: check every file, including the other ranks' shares.
+    if ranks.count > 1:
+        # Every rank checks the other ranks' shares too (header reads only), so all ranks agree on
+        # which images have a cache and return the same plan.
         mine_failed = {p for p, _ in report.failed}
         for path, item in unique:
             if item.path not in mine_failed and check_latent_file(path, expected_facts(item, vae_id, dtype)):
