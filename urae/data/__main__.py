@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = build_caches(options, pipe.components, state, t5_max_length=t5_len, progress=not a.no_progress, **extra)
     stats = {"rank": state.process_index, "processes": state.num_processes, "calls": calls,
              "latents_encoded": plan.latents.encoded, "latents_reused": plan.latents.reused,
+             "latent_seconds": plan.latents.seconds,
              "texts_encoded": plan.texts.encoded, "entries": len(plan.entries), "skipped": len(plan.skipped)}
     if a.stats_json:
         Path(f"{a.stats_json}.rank{state.process_index}.json").write_text(json.dumps(stats))

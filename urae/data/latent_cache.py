@@ -15,6 +15,7 @@ only whole files and a rerun continues where it stopped.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class LatentCacheReport:
     encoded: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)  # images that could not be decoded
     rebuilt: dict[str, int] = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0  # wall time of this rank's caching, up to and including the final barrier
 
 
 def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype: torch.dtype | None = None,
@@ -109,6 +111,7 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
     """
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
     ranks = ranks or Ranks()
     dtype = dtype or next(vae.parameters()).dtype
     vae_id = module_fingerprint(vae)
@@ -158,6 +161,7 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
             bar.update(1)
     bar.close()
     ranks.barrier()
+    report.seconds = time.perf_counter() - start
     if ranks.count > 1:
         # Every rank checks the other ranks' shares too (header reads only), so all ranks agree on
         # which images have a cache and return the same plan.
