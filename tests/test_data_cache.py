@@ -214,28 +214,49 @@ def test_caption_variant_probability_and_posterior_samples(tmp_path, pipe):
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
 
 
-def test_batches_never_mix_buckets():
+def _entries(buckets, repeats=lambda i: 1):
     from pathlib import Path
 
     from urae.data.loader import CacheEntry
 
-    buckets = [(64, 64)] * 7 + [(64, 32)] * 3 + [(32, 64)] * 2
-    entries = [CacheEntry(Path(f"{i}.png"), b, Path("x"), {}, {}, 0.5, num_repeats=1 + i % 3)
-               for i, b in enumerate(buckets)]
+    return [CacheEntry(Path(f"{i}.png"), b, Path("x"), {}, {}, 0.5, num_repeats=repeats(i)) for i, b in enumerate(buckets)]
+
+
+def test_batches_never_mix_buckets():
+    entries = _entries([(64, 64)] * 7 + [(64, 32)] * 3 + [(32, 64)] * 2, repeats=lambda i: 1 + i % 3)
     sampler = BucketBatchSampler(entries, batch_size=4, seed=1)
+    orders = []
     for epoch in range(5):
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
+        batches = list(sampler)  # each pass advances the epoch
+        orders.append(batches)
         counts = {}
         for batch in batches:
-            assert len({entries[i].bucket for i, _ in batch}) == 1 and all(e == epoch for _, e in batch)
+            assert len(batch) == 4 and len({entries[i].bucket for i, _ in batch}) == 1
+            assert all(e == epoch for _, e in batch)
             for i, _ in batch:
                 counts[i] = counts.get(i, 0) + 1
-        assert counts == {i: e.num_repeats for i, e in enumerate(entries)}
+        # every image at least num_repeats times; extras only from topping up a bucket's last batch
+        assert all(counts[i] >= e.num_repeats for i, e in enumerate(entries))
+        assert sum(counts.values()) - sum(e.num_repeats for e in entries) < 4 * 3
+    assert orders[0] != orders[1]
     sampler.set_epoch(0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert first != list(sampler)
+    assert list(sampler) == orders[0]
+    dropped = list(BucketBatchSampler(entries, batch_size=4, seed=1, drop_last=True))
+    assert all(len(b) == 4 for b in dropped) and len(dropped) < len(orders[0])
+
+
+def test_accelerate_sharding_keeps_buckets_pure():
+    from accelerate.data_loader import BatchSamplerShard
+
+    entries = _entries([(64, 64)] * 5 + [(64, 32)] * 3 + [(32, 64)] * 1)
+    shards = [list(BatchSamplerShard(BucketBatchSampler(entries, 2, seed=3), 2, r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    seen = set()
+    for shard in shards:
+        for batch in shard:
+            assert len(batch) == 2 and len({entries[i].bucket for i, _ in batch}) == 1
+            seen.update(i for i, _ in batch)
+    assert seen == set(range(len(entries)))
 
 
 def test_schnell_uses_t5_length_256(tmp_path, tiny_schnell_dir):

@@ -136,3 +136,20 @@ def test_options_unknown_key_is_clear():
     with pytest.raises(ValueError, match="bucket_mode"):
         DataOptions(bucket_mode="square")
     assert DataOptions.from_dict({"caption_extension": "json"}).caption_extension == ".json"
+
+
+def test_exif_rotation_and_pixels(tmp_path):
+    from PIL import Image
+
+    from urae.data.images import bucket_pixels
+    from urae.data.synthetic import image_array
+
+    im = Image.fromarray(image_array(160, 80, 1))
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees: portrait
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    (res,) = scan(_opts(train_data_dir=str(tmp_path), resolution=64)).items
+    assert res.size == (80, 160) and res.bucket == (32, 64)
+    px, crop = bucket_pixels(res.path, res.bucket)
+    assert px.shape == (3, 64, 32) and px.min() >= -1 and px.max() <= 1 and px.dtype.is_floating_point
+    assert crop.original == (80, 160) and crop.resized == (32, 64)

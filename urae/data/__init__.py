@@ -13,7 +13,7 @@ Public API (what the trainer calls)::
     del pipe.vae, pipe.text_encoder, pipe.text_encoder_2  # encoders are not needed any more
     if options.cache_only: return
     loader = accelerator.prepare(make_dataloader(plan, batch_size=1, seed=seed))
-    for epoch in ...: loader.set_epoch(epoch)             # (plain DataLoader: loader.batch_sampler.set_epoch)
+    for epoch in ...:                                     # each pass is a new epoch (order, caption, noise)
         for batch in loader: batch["latents"], batch["t5_embeds"], batch["clip_pooled"], batch["bucket"], ...
 
 - `DataOptions` (options.py): train_data_dir, dataset_config, caption_extension, real_prompt_ratio,

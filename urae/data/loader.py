@@ -78,7 +78,13 @@ def collate(samples: list[dict]) -> dict:
 
 
 class BucketBatchSampler(Sampler):
-    """Batches of one bucket each; each image appears num_repeats times per epoch; call set_epoch(e)."""
+    """Full batches of one bucket each; every image appears num_repeats times per epoch.
+
+    A bucket's last, incomplete batch is topped up with other images of the same bucket (drop_last:
+    dropped instead): accelerate's `BatchSamplerShard` expects equal-size batches and would otherwise
+    fill a short batch with images of another bucket. Each pass advances the epoch by itself
+    (new order, new caption and posterior draws); `set_epoch(e)` sets it explicitly.
+    """
 
     def __init__(self, entries: list[CacheEntry], batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False):
@@ -90,8 +96,8 @@ class BucketBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(f"{self.seed}:{self.epoch}:batches")
+    def _batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}:batches")
         by_bucket: dict[Bucket, list[int]] = {}
         for i, e in enumerate(self.entries):
             by_bucket.setdefault(e.bucket, []).extend([i] * e.num_repeats)
@@ -102,26 +108,34 @@ class BucketBatchSampler(Sampler):
                 rng.shuffle(idx)
             for s in range(0, len(idx), self.batch_size):
                 b = idx[s:s + self.batch_size]
-                if len(b) == self.batch_size or not self.drop_last:
-                    batches.append(b)
+                if len(b) < self.batch_size:
+                    if self.drop_last:
+                        continue
+                    # the bucket's first (shuffled) images, cycling when the bucket is smaller than a batch
+                    b = b + [idx[j % len(idx)] for j in range(self.batch_size - len(b))]
+                batches.append(b)
         if self.shuffle:
             rng.shuffle(batches)
         return batches
 
     def __iter__(self):
-        for b in self._batches():
-            yield [(i, self.epoch) for i in b]
+        epoch = self.epoch
+        self.epoch += 1
+        for b in self._batches(epoch):
+            yield [(i, epoch) for i in b]
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self._batches(self.epoch))
 
 
 def make_dataloader(plan, batch_size: int = 1, seed: int = 0, shuffle: bool = True, sample_posterior: bool = True,
                     num_workers: int = 0, drop_last: bool = False) -> DataLoader:
     """DataLoader over a `CachePlan` (from `build_caches`) or a list of `CacheEntry`.
 
-    Pass the result to `accelerator.prepare` to shard batches over ranks; call
-    `loader.batch_sampler.set_epoch(epoch)` each epoch for a new order and new caption/posterior draws.
+    Pass the result to `accelerator.prepare` to shard batches over ranks (batches stay bucket-pure).
+    Each pass over the loader is a new epoch (new order, caption and posterior draws);
+    `loader.batch_sampler.set_epoch(e)` before `prepare` (or on the prepared loader, single process)
+    sets it explicitly, e.g. when resuming.
     """
     entries = plan.entries if hasattr(plan, "entries") else list(plan)
     if not entries:
