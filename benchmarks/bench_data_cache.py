@@ -9,6 +9,9 @@
 2. Computed size on disk per image at 2K/4K for the real FLUX VAE latent shape (16 x H/8 x W/8,
    posterior mean + std as cached) in fp16/bf16/fp32, and for the text cache (T5-XXL 512 x 4096 +
    mask, CLIP-L pooled 768) per caption variant.
+3. With --vae-memory PX: peak host memory of one PX² encode with the real FLUX VAE architecture
+   (random weights, fp32, CPU) whole versus split, each in a fresh process (ru_maxrss above the
+   pre-encode level), plus the largest split-vs-whole difference of the posterior mean.
 """
 
 from __future__ import annotations
@@ -108,6 +111,52 @@ def disk_sizes() -> tuple[list[dict], list[dict]]:
     return latents, texts
 
 
+# FLUX.1 VAE (ae.safetensors) architecture in diffusers terms.
+FLUX_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                       up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                       layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                       scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _vae_child(mode: str, size: int, out: str) -> None:
+    """In a fresh process: build the real-shape VAE, encode one size² image whole or split, report memory."""
+    import resource
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from urae.data.synthetic import image_array
+    from urae.data.vae_encode import encode_posterior
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
+    px = torch.from_numpy(image_array(size, size, 0)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    mean, _ = encode_posterior(vae, px, split_threshold=10**12 if mode == "whole" else 0)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.save(mean, out + ".pt")
+    Path(out).write_text(json.dumps({"mode": mode, "size": size, "peak_extra": peak - before, "seconds": seconds}))
+
+
+def vae_memory(size: int) -> list[dict]:
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("whole", "split"):
+            out = f"{tmp}/{mode}.json"
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            subprocess.run([sys.executable, __file__, "--_vae-child", mode, str(size), out], env=env, check=True,
+                           capture_output=True)
+            rows.append(json.loads(Path(out).read_text()))
+        diff = (torch.load(f"{tmp}/whole.json.pt") - torch.load(f"{tmp}/split.json.pt")).abs().max().item()
+    for r in rows:
+        r["max_abs_diff"] = diff
+    return rows
+
+
 def _mib(x: float) -> str:
     return f"{x / 2**20:8.2f}"
 
@@ -117,7 +166,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 images instead of 16")
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--vae-memory", type=int, default=0, metavar="PX",
+                    help="also measure whole vs split encode memory of the real-shape VAE at PX² (CPU, slow)")
+    ap.add_argument("--_vae-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a._vae_child:
+        return _vae_child(a._vae_child[0], int(a._vae_child[1]), a._vae_child[2])
     n = a.images or (4 if a.quick else 16)
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
@@ -142,6 +196,19 @@ def main() -> None:
     for r in texts:
         print(f"{r['dtype']:>6}: {_mib(r['per_caption'])} per caption, {_mib(r['per_image_2_variants'])} per image "
               "with prompt + generated_prompt")
+    if a.vae_memory:
+        mem = vae_memory(a.vae_memory)
+        print(f"\nreal-shape FLUX VAE encode of one {a.vae_memory}x{a.vae_memory} image, fp32, CPU "
+              "(peak host memory above the pre-encode level):")
+        for r in mem:
+            print(f"{r['mode']:>6}: {_mib(r['peak_extra'])} MiB, {r['seconds']:.1f} s")
+        whole, split = mem[0]["peak_extra"], mem[1]["peak_extra"]
+        print(f"split / whole peak: {split / whole:.2f} (on CPU both keep full activations in the same memory); "
+              f"max |mean difference| {mem[0]['max_abs_diff']:.2e}")
+        scale = (4096 / a.vae_memory) ** 2 / 2
+        print(f"whole encode scaled to 4096x4096 in bf16 (x{scale:.0f}): ~{whole * scale / 2**30:.1f} GiB of activations; "
+              "the split encode keeps those in host memory on a GPU (GPU peak not measured here)")
+
     l2k = next(r for r in latents if r["bucket"] == "2048x2048")["bf16"] + texts[1]["per_image_2_variants"]
     l4k = next(r for r in latents if r["bucket"] == "4096x4096")["bf16"] + texts[1]["per_image_2_variants"]
     print(f"\ndataset totals, bf16, square images, 2 caption variants: 2K recipe 3,000 images -> "

@@ -147,11 +147,16 @@ def test_corrupt_files_are_rebuilt_and_a_killed_run_resumes(tmp_path, pipe):
     assert resumed["vae"] == 2
 
 
-def test_split_encode_matches_whole_encode(tmp_path, pipe):
-    # Row-chunked encode with whole-image GroupNorm statistics: equal up to float rounding.
+def test_split_encode_matches_whole_encode(tmp_path, pipe, monkeypatch):
+    # Row chunks with whole-image GroupNorm statistics, query-chunked attention, activations in the
+    # "host" store: equal to the whole encode up to float rounding.
+    import urae.data.vae_encode as ve
+
+    monkeypatch.setattr(ve, "ATTN_CHUNK_SCORES", 700 * 768)  # 768 latent tokens -> 2 query chunks
     px, _ = bucket_pixels(write_image(tmp_path / "x.png", 256, 192, 3), (256, 192))
     whole_m, whole_s = encode_posterior(pipe.vae, px[None], split_threshold=10**9)
-    split_m, split_s = encode_posterior(pipe.vae, px[None], split_threshold=64 * 64, chunk_pixels=20 * 256)
+    split_m, split_s = encode_posterior(pipe.vae, px[None], split_threshold=64 * 64, chunk_pixels=20 * 256,
+                                        offload=True)
     assert (split_m - whole_m).abs().max() < SPLIT_ATOL and (split_s - whole_s).abs().max() < SPLIT_ATOL
     assert whole_m.abs().max() > 0.5  # the tolerance is small relative to the values
 
