@@ -99,6 +99,13 @@ def flatten_sections(d: dict, sections: tuple[str, ...] = ()) -> dict:
     return out
 
 
+def _flag_value(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return low in ("true", "1", "yes", "on")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser(prog: str, description: str, options: list[Option]) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -107,7 +114,10 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
         names = [f"--{o.name}"] + [f"--{a}" for a in o.aliases]
         kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS, "help": o.help or None}
         if o.type is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+            # `--flag`, `--flag true|false` and `--no-flag` / `--no_flag` all work (sd-scripts users type the first)
+            kw.update(nargs="?", const=True, type=_flag_value, metavar="true|false")
+            ap.add_argument(f"--no-{o.name}", f"--no_{o.name}", dest=o.name, action="store_false",
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif o.type is list:
             kw["action"] = "append" if o.repeat else "store"
             if not o.repeat:
