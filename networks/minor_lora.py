@@ -783,6 +783,17 @@ class MinorLoRANetwork(nn.Module):
     def _lora_by_module(self):
         return {lo.org_module_ref[0]: lo for lo in self.unet_loras}
 
+    def fuse_base_lora(self, lora):
+        """API form of base_lora=...: a LoRA (path or state dict) whose delta the SVD sees and forward applies."""
+        if any(lo.initialized and any(s.frozen for s in lo.slices) for lo in self.unet_loras):
+            raise RuntimeError("fuse_base_lora must be called before the SVD initialisation")
+        self.base_lora = lora
+        self._attach_base_lora(lora)
+
+    def set_runtime_settings(self, settings: dict):
+        """High-res runtime settings (NTK factor, proportional attention, ...) to record in saved files."""
+        self.runtime_settings = dict(settings)
+
     def _attach_base_lora(self, base):
         """Store a LoRA's delta per targeted slice as frozen factors (the SVD then sees W + delta)."""
         sd, _ = (base, {}) if isinstance(base, dict) else _read_file(base)
@@ -865,7 +876,8 @@ class MinorLoRANetwork(nn.Module):
             w = self._effective_weight(lo, i)
             dev = self.svd_device or (w.device if w.device.type != "meta" else "cpu")
             us, sv, _ = svd_components(w, s.rank, s.init, device=dev)
-            results[f"{lo.lora_name}.{i}"] = (us.float().cpu(), sv.float().cpu())
+            # contiguous: broadcast sends raw storage, and these come out column-major from the matmuls
+            results[f"{lo.lora_name}.{i}"] = (us.float().cpu().contiguous(), sv.float().cpu().contiguous())
             self.svd_layers_computed += 1
         if world > 1:
             comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
