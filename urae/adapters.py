@@ -51,14 +51,14 @@ def attach_adapters(transformer, files: list[str], scales: list[float], fuse: bo
     networks = []
     for path, scale in zip(files, scales):
         try:
+            # the factors are read from the file here; apply_to only hooks them into the model
             net, sd = minor_lora.create_network_from_weights(scale, str(path), None, [], transformer,
                                                              for_inference=True)
             if fuse:
                 net.merge_to([], transformer, sd, dtype=transformer.dtype, device=transformer.device)
             else:
                 net.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
-                net.load_weights(str(path))
-                net.to(device=transformer.device, dtype=transformer.dtype)
+                net.to(device=transformer.device)
                 net.eval().requires_grad_(False)
         except (ValueError, KeyError, RuntimeError) as e:
             raise AdapterError(f"cannot apply LoRA {path} to this model: {e}") from e

@@ -1,0 +1,156 @@
+"""flux_urae_infer.py on the tiny pipeline: equals diffusers with the same LoRA, settings, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+from networks import minor_lora
+from urae.inference import main
+from urae.outputs import read_png_info
+from urae.runtime import HighResSettings, apply_highres
+
+RUNTIME = {"ntk_factor": 7.0, "proportional_attention": True}
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_flux_dir, tmp_path_factory):
+    """A minor-init adapter with random updates, saved by the network module (PEFT form, runtime metadata)."""
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    net = minor_lora.create_network(1.0, 4, 4.0, None, [], pipe.transformer, init="minor", targets="urae",
+                                    verbose="False", runtime=json.dumps(RUNTIME))
+    net.apply_to([], pipe.transformer, False, True)
+    net.prepare_grad_etc(None, pipe.transformer)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("lora") / "urae_tiny.safetensors"
+    net.save_weights(str(path), None, {})
+    return path
+
+
+def run(tmp_path, model, *extra):
+    out = tmp_path / "imgs"
+    rc = main(["--model", str(model), "--output_dir", str(out), "--steps", "3", *extra])
+    return rc, out
+
+
+def test_output_equals_diffusers_with_the_same_lora_and_settings(tiny_flux_dir, trained_lora, tmp_path):
+    rc, out = run(tmp_path, tiny_flux_dir, "--lora", str(trained_lora), "--prompt", "a red circle",
+                  "--width", "384", "--height", "256", "--seed", "5")
+    assert rc == 0
+    ours = np.asarray(Image.open(out / "00000_5.png"), dtype=np.int16)
+    assert ours.shape == (256, 384, 3)
+
+    ref = FluxPipeline.from_pretrained(tiny_flux_dir)
+    ref.load_lora_weights(str(trained_lora))  # diffusers' own loader (PEFT form)
+    with apply_highres(ref, HighResSettings(**RUNTIME)):
+        theirs = ref("a red circle", width=384, height=256, num_inference_steps=3, guidance_scale=3.5,
+                     generator=torch.Generator().manual_seed(5), output_type="pil").images[0]
+    diff = np.abs(ours - np.asarray(theirs, dtype=np.int16))
+    assert diff.max() <= 2, f"max pixel difference {diff.max()} (of 255)"
+    without = FluxPipeline.from_pretrained(tiny_flux_dir)
+    with apply_highres(without, HighResSettings(**RUNTIME)):
+        plain = without("a red circle", width=384, height=256, num_inference_steps=3,
+                        generator=torch.Generator().manual_seed(5), output_type="pil").images[0]
+    assert np.abs(ours - np.asarray(plain, dtype=np.int16)).max() > 10, "the LoRA must change the image"
+
+
+def test_runtime_comes_from_metadata_and_is_overridable(tiny_flux_dir, trained_lora, tmp_path):
+    rc, out = run(tmp_path, tiny_flux_dir, "--lora", str(trained_lora), "--prompt", "x", "--width", "256",
+                  "--height", "256")
+    assert rc == 0
+    info = read_png_info(out / "00000_0.png")
+    rt = json.loads(info["runtime"])
+    assert rt["ntk_factor"] == 7.0 and rt["proportional_attention"] is True
+    rc, out2 = run(tmp_path / "b", tiny_flux_dir, "--lora", str(trained_lora), "--prompt", "x", "--width", "256",
+                   "--height", "256", "--ntk_factor", "2", "--no-proportional_attention", "--shift", "1.5")
+    rec = json.loads((out2 / "images.jsonl").read_text().splitlines()[0])
+    assert rec["runtime"]["ntk_factor"] == 2.0 and rec["runtime"]["proportional_attention"] is False
+    assert rec["runtime"]["shift"] == 1.5
+    assert rec["loras"] == [{"file": str(trained_lora), "scale": 1.0}]
+
+
+def test_size_defaults_without_metadata(tiny_flux_dir, tmp_path):
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "2048", "--height", "64", "--steps", "1")
+    assert rc == 0
+    rec = json.loads((out / "images.jsonl").read_text())
+    assert rec["runtime"]["ntk_factor"] == 10.0 and rec["runtime"]["proportional_attention"] is True
+
+
+def test_schnell_runs_and_ignores_guidance(tiny_schnell_dir, tmp_path):
+    rc, out = run(tmp_path, tiny_schnell_dir, "--prompt", "x", "--width", "128", "--height", "128",
+                  "--guidance", "5")
+    assert rc == 0
+    rc, out0 = run(tmp_path / "b", tiny_schnell_dir, "--prompt", "x", "--width", "128", "--height", "128",
+                   "--guidance", "0")
+    a, b = (np.asarray(Image.open(o / "00000_0.png")) for o in (out, out0))
+    assert (a == b).all()
+
+
+def test_two_stage_and_init_image_make_the_target_size(tiny_flux_dir, tmp_path):
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "512", "--height", "256",
+                  "--init_resolution", "256", "--strength", "0.5", "--steps", "4")
+    assert rc == 0
+    assert Image.open(out / "00000_0.png").size == (512, 256)
+    rec = json.loads((out / "images.jsonl").read_text())
+    assert rec["init_resolution"] == 256 and rec["strength"] == 0.5
+    init = tmp_path / "init.png"
+    Image.new("RGB", (100, 60), (200, 30, 30)).save(init)
+    rc, out2 = run(tmp_path / "c", tiny_flux_dir, "--prompt", "x", "--width", "192", "--height", "128",
+                   "--init_image", str(init))
+    assert rc == 0 and Image.open(out2 / "00000_0.png").size == (192, 128)
+
+
+def test_existing_images_are_never_overwritten(tiny_flux_dir, tmp_path):
+    for _ in range(2):
+        assert run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1")[0] == 0
+    names = sorted(p.name for p in (tmp_path / "imgs").glob("*.png"))
+    assert names == ["00000_0-1.png", "00000_0.png"]
+    assert len((tmp_path / "imgs" / "images.jsonl").read_text().splitlines()) == 2
+
+
+def _corrupt(path):
+    data = path.read_bytes()
+    return data[: len(data) // 3]
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trained_lora, tmp_path, capsys):
+    extra = ["--prompt", "x", "--width", "64", "--height", "64"]
+    if case == "missing":
+        extra += ["--lora", str(tmp_path / "nope.safetensors")]
+        want = "no such file"
+    elif case == "corrupt":
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(_corrupt(trained_lora))
+        extra += ["--lora", str(bad)]
+        want = "truncated or corrupt"
+    elif case == "other_arch":
+        from safetensors.torch import save_file
+
+        other = tmp_path / "wide.safetensors"
+        save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+                   "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(other))
+        extra += ["--lora", str(other)]
+        want = "cannot apply LoRA"
+    elif case == "size":
+        extra = ["--prompt", "x", "--width", "1000", "--height", "64"]
+        want = "multiple of 16"
+    elif case == "empty_prompts":
+        f = tmp_path / "p.txt"
+        f.write_text("\n# nothing\n")
+        extra = ["--prompts_file", str(f)]
+        want = "no prompts"
+    else:
+        extra = []
+        want = "no prompts"
+    rc, out = run(tmp_path, tiny_flux_dir, *extra)
+    assert rc == 2
+    assert want in capsys.readouterr().out
+    assert not list(out.glob("*.png")) if out.exists() else True
