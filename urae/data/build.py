@@ -67,7 +67,7 @@ def build_caches(options: DataOptions | dict, components, accelerator=None, *, t
     """
     options = options if isinstance(options, DataOptions) else DataOptions.from_dict(options)
     ranks = ranks_of(accelerator)
-    result = scan(options)
+    result = scan(options, log=ranks.is_main)
     if ranks.is_main:
         print(bucket_table([(it.bucket, it.subset.num_repeats) for it in result.items], len(result.too_small)),
               flush=True)

@@ -202,8 +202,11 @@ def image_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def scan(options: DataOptions) -> ScanResult:
-    """Find every image, read its captions and size, and give it a bucket. Never fatal per file."""
+def scan(options: DataOptions, log: bool = True) -> ScanResult:
+    """Find every image, read its captions and size, and give it a bucket. Never fatal per file.
+
+    log: emit the warnings (missing captions, skipped files); off on all but one rank.
+    """
     result = ScanResult(items=[])
     for subset in subsets_from_options(options):
         for p in find_images(subset.image_dir):
@@ -221,6 +224,15 @@ def scan(options: DataOptions) -> ScanResult:
                 result.too_small.append(p)
                 continue
             result.items.append(ImageItem(p, subset, caps, size, bucket))
+    if log:
+        _warn(result)
+    if not result.items:
+        where = options.dataset_config or options.train_data_dir
+        raise ValueError(f"empty dataset: no usable images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}")
+    return result
+
+
+def _warn(result: ScanResult) -> None:
     if result.missing_captions:
         logger.warning("%d image(s) have no caption file; an empty caption is used for them", result.missing_captions)
     if result.undecodable:
@@ -229,7 +241,3 @@ def scan(options: DataOptions) -> ScanResult:
     if result.too_small:
         logger.warning("skipped %d image(s) too small for any bucket without upscaling (bucket_no_upscale):\n  %s",
                        len(result.too_small), "\n  ".join(map(str, result.too_small)))
-    if not result.items:
-        where = options.dataset_config or options.train_data_dir
-        raise ValueError(f"empty dataset: no usable images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}")
-    return result
