@@ -272,3 +272,12 @@ def test_schnell_uses_t5_length_256(tmp_path, tiny_schnell_dir):
     plan = build_caches(opts(tmp_path), p.components, progress=False)
     batch = next(iter(make_dataloader(plan)))
     assert batch["t5_embeds"].shape[1] == 256 and batch["t5_mask"].shape[1] == 256
+
+
+def test_default_cache_lives_in_the_image_folder(tmp_path, pipe):
+    data = make_data(tmp_path / "data")
+    plan = build_caches(DataOptions(train_data_dir=str(data), resolution=64), pipe.components, progress=False)
+    assert all(e.latent_file.is_relative_to(data / ".urae_cache" / "latents") for e in plan.entries)
+    with count_calls(pipe) as calls:
+        again = build_caches(DataOptions(train_data_dir=str(data), resolution=64), pipe.components, progress=False)
+    assert calls["vae"] == 0 and len(again.entries) == 4  # the cache folder is not scanned as data

@@ -10,7 +10,7 @@ Public API (what the trainer calls)::
 
     options = DataOptions.from_dict(cfg["data"])          # unknown keys -> ValueError naming valid keys
     plan = build_caches(options, pipe.components, accelerator)   # scan, bucket table, cache (resumable)
-    del pipe.vae, pipe.text_encoder, pipe.text_encoder_2  # encoders are not needed any more
+    pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None  # free the encoders before training
     if options.cache_only: return
     loader = accelerator.prepare(make_dataloader(plan, batch_size=1, seed=seed))
     for epoch in ...:                                     # each pass is a new epoch (order, caption, noise)
@@ -20,8 +20,15 @@ Public API (what the trainer calls)::
   resolution, bucket_mode, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale,
   random_crop, cache_dir, cache_only.
 - `build_caches(options, components, accelerator=None, *, t5_max_length=None, dtype=None)` (build.py)
-  -> `CachePlan` (entries, skipped images with reasons, cache reports). Every rank caches a round-robin
-  share and waits for the others; T5 length defaults to 512, 256 when the transformer is schnell.
+  -> `CachePlan` (entries, skipped images with reasons, cache reports). components: a FluxPipeline
+  or its `.components` (the models as objects, on any device). accelerator: an Accelerator /
+  PartialState; every rank caches a round-robin share, waits for the others, and returns the same
+  complete plan. T5 length defaults to 512, 256 when the transformer is schnell. Caches go to
+  `cache_dir` (or `.urae_cache` inside each image folder); reruns reuse valid files and rebuild
+  missing, corrupt or stale ones, so a killed run resumes.
+- What is cached: latents = the VAE posterior **mean and std** in raw VAE space
+  (latent_cache.py); text = T5 [L, 4096] + mask + CLIP pooled [768] per distinct caption
+  (text_cache.py). Pixels are normalised to [-1, 1] before the VAE (images.py).
 - `make_dataloader(plan, batch_size, seed, shuffle, sample_posterior, num_workers)` (loader.py): batches
   that never mix buckets: latents [B, 16, H/8, W/8] already FLUX-normalised ((z - shift) * scale,
   applied in `CachedDataset`), t5_embeds [B, L, 4096], t5_mask [B, L], clip_pooled [B, 768], caption
@@ -30,8 +37,10 @@ Public API (what the trainer calls)::
 
 Modules, one job each: options (config keys), datasets (folders, side files, dataset TOML), buckets
 (URAE and area buckets, assignment, crop geometry, table), images (decode, LANCZOS resize, crop,
-[-1, 1]), vae_encode (posterior, row-split above 2048²), latent_cache, text_cache, identity
-(fingerprints for staleness), distributed (ranks), loader, build. CLI: `python -m urae.data --help`.
+[-1, 1]), vae_encode (posterior; above 2048² an exact split encode that keeps full-resolution
+activations in host memory), latent_cache, text_cache, identity (fingerprints for staleness),
+distributed (ranks), loader, build, synthetic (procedural test images).
+CLI: `python -m urae.data --help` (multi-process: `accelerate launch --multi_gpu --num_processes N -m urae.data ...`).
 """
 
 from urae.data.build import CachePlan, build_caches
