@@ -34,7 +34,7 @@ OPTIONS = [
     Option("shift", float, None, "static timestep shift (default: the scheduler config's, 3.0 dev)"),
     Option("dynamic_shift", bool, False, "FLUX's resolution-dependent shift instead of the static one"),
     Option("offload", str, "auto", "GPU memory mode", choices=("auto", "none", "model", "sequential")),
-    Option("vae_tiling", bool, False, "force tiled VAE decoding (automatic above 2048²)"),
+    Option("vae_tiling", bool, None, "split the VAE decode into row chunks (exact; automatic above 2048²)"),
     Option("init_resolution", int, None, "two-stage hi-res: draft at this long side, then refine"),
     Option("init_image", str, None, "refine this image at the target size (image-to-image)"),
     Option("strength", float, 0.6, "how much the refine stage changes the draft/init image (0-1]"),
@@ -168,9 +168,9 @@ def run(cfg: dict) -> list[Path]:
         t0 = time.perf_counter()
         if two:
             image = two_stage(pipe, req, cfg["init_resolution"], settings, on_step=lambda: bar.update(1),
-                              force_vae_tiling=cfg["vae_tiling"])
+                              split_vae=cfg["vae_tiling"])
         else:
-            image = generate(pipe, req, settings, on_step=lambda: bar.update(1), force_vae_tiling=cfg["vae_tiling"])
+            image = generate(pipe, req, settings, on_step=lambda: bar.update(1), split_vae=cfg["vae_tiling"])
         info = {
             "prompt": req.prompt, "seed": req.seed, "width": req.width, "height": req.height, "steps": req.steps,
             "guidance": req.guidance, "model": cfg["model"], "transformer": cfg["transformer"],

@@ -2,21 +2,20 @@
 
 `generate` runs text-to-image (or image-to-image when `init_image` is set) under the high-resolution
 settings; `two_stage` is the SDEdit-style hi-res path: a draft at ~1 MP, upsampled, then refined at
-the target size. VAE tiling switches on by itself above `VAE_TILING_PIXELS`.
+the target size. Latents are decoded by `urae.vae_decode.decode`: exact, and split into row chunks
+above 2048² so a 4096² decode fits beside the model on a 24 GB card.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import torch
 from PIL import Image
 
+from urae.flow import unpack_latents
 from urae.runtime import HighResSettings, apply_highres, check_resolution
-
-# Decoding more than 2048² at once needs more activation memory than fits beside the model on 24 GB.
-VAE_TILING_PIXELS = 2048 * 2048
+from urae.vae_decode import decode
 
 
 @dataclasses.dataclass
@@ -54,19 +53,17 @@ def fill_defaults(req: SampleRequest, transformer) -> SampleRequest:
     )
 
 
-@contextmanager
-def vae_tiling(vae, width: int, height: int, force: bool = False):
-    """Tile the VAE decode for large images (or when forced); restore the previous setting after."""
-    before = getattr(vae, "use_tiling", False)
-    vae.use_tiling = force or before or width * height > VAE_TILING_PIXELS
-    try:
-        yield vae.use_tiling
-    finally:
-        vae.use_tiling = before
+def decode_to_image(pipe, tokens: torch.Tensor, width: int, height: int, split: bool | None = None) -> Image.Image:
+    """Packed latents from the pipeline -> PIL image (FLUX's unscale/unshift, then the exact VAE decode)."""
+    vae = pipe.vae
+    z = unpack_latents(tokens, height // 8, width // 8)
+    z = z / vae.config.scaling_factor + vae.config.shift_factor
+    pixels = decode(vae, z, split=split)
+    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
 def generate(pipe, req: SampleRequest, settings: HighResSettings | None = None, prompt_embeds=None,
-             on_step=None, force_vae_tiling: bool = False) -> Image.Image:
+             on_step=None, split_vae: bool | None = None) -> Image.Image:
     """One image. `prompt_embeds=(t5_seq, clip_pooled)` skips the text encoders (training samples)."""
     from diffusers import FluxImg2ImgPipeline
 
@@ -79,7 +76,7 @@ def generate(pipe, req: SampleRequest, settings: HighResSettings | None = None, 
         guidance_scale=req.guidance,
         max_sequence_length=req.max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(req.seed),
-        output_type="pil",
+        output_type="latent",  # decoded below, exactly and in row chunks when large
     )
     if prompt_embeds is not None:
         kwargs["prompt_embeds"], kwargs["pooled_prompt_embeds"] = prompt_embeds
@@ -97,8 +94,9 @@ def generate(pipe, req: SampleRequest, settings: HighResSettings | None = None, 
         kwargs["image"] = req.init_image.convert("RGB").resize((req.width, req.height), Image.LANCZOS)
         kwargs["strength"] = req.strength
     runner.set_progress_bar_config(disable=True)
-    with apply_highres(runner, settings), vae_tiling(pipe.vae, req.width, req.height, force_vae_tiling):
-        return runner(**kwargs).images[0]
+    with apply_highres(runner, settings):
+        tokens = runner(**kwargs).images
+    return decode_to_image(pipe, tokens, req.width, req.height, split_vae)
 
 
 def draft_size(width: int, height: int, long_side: int) -> tuple[int, int]:
@@ -116,11 +114,11 @@ def steps_for(req: SampleRequest, transformer, two_stage: bool) -> int:
 
 def two_stage(pipe, req: SampleRequest, init_resolution: int, settings: HighResSettings,
               draft_settings: HighResSettings | None = None, on_step=None,
-              force_vae_tiling: bool = False) -> Image.Image:
+              split_vae: bool | None = None) -> Image.Image:
     """SDEdit-style hi-res: draft at `init_resolution` (long side), upsample, refine at the target size."""
     req.validate()
     w, h = draft_size(req.width, req.height, init_resolution)
     draft = generate(pipe, dataclasses.replace(req, width=w, height=h, init_image=None),
                      draft_settings or HighResSettings.for_resolution(w, h), on_step=on_step)
     refine = dataclasses.replace(req, init_image=draft.resize((req.width, req.height), Image.LANCZOS))
-    return generate(pipe, refine, settings, on_step=on_step, force_vae_tiling=force_vae_tiling)
+    return generate(pipe, refine, settings, on_step=on_step, split_vae=split_vae)
