@@ -6,6 +6,7 @@ repeat at every start; pixels are decoded only when a latent is cached.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -96,12 +97,16 @@ def subsets_from_options(options: DataOptions) -> list[Subset]:
     if not d.is_dir():
         raise FileNotFoundError(f"train_data_dir {d} is not a folder")
     return [Subset(d.resolve(), bucket_spec(options), options.caption_extension, 1, options.random_crop,
-                   float(options.real_prompt_ratio), _subset_cache_root(cache_root, 0))]
+                   float(options.real_prompt_ratio), _subset_cache_root(cache_root, d))]
 
 
-def _subset_cache_root(cache_root: Path | None, index: int) -> Path | None:
-    # One folder per subset, so two folders holding "0001.png" never share a cache file.
-    return None if cache_root is None else cache_root / f"subset{index}"
+def _subset_cache_root(cache_root: Path | None, image_dir: Path) -> Path | None:
+    # One folder per image folder (named by its path, not its position in a TOML), so two folders
+    # holding "0001.png" never share a cache file and reordering subsets keeps the caches.
+    if cache_root is None:
+        return None
+    image_dir = image_dir.resolve()
+    return cache_root / f"{image_dir.name}-{hashlib.sha1(str(image_dir).encode()).hexdigest()[:8]}"
 
 
 def subsets_from_toml(path: str | os.PathLike, options: DataOptions) -> list[Subset]:
@@ -157,7 +162,7 @@ def subsets_from_toml(path: str | os.PathLike, options: DataOptions) -> list[Sub
                 raise ValueError(f"{path}: num_repeats must be >= 1, got {repeats}")
             out.append(Subset(image_dir.resolve(), spec, ext if ext.startswith(".") else "." + ext, repeats,
                               bool(merged.get("random_crop", options.random_crop)), ratio,
-                              _subset_cache_root(cache_root, len(out))))
+                              _subset_cache_root(cache_root, image_dir)))
     if ignored:
         logger.warning("%s: keys with no effect in URAE training, ignored: %s", path, ", ".join(sorted(ignored)))
     if unknown:
