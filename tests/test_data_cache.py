@@ -281,3 +281,16 @@ def test_default_cache_lives_in_the_image_folder(tmp_path, pipe):
     with count_calls(pipe) as calls:
         again = build_caches(DataOptions(train_data_dir=str(data), resolution=64), pipe.components, progress=False)
     assert calls["vae"] == 0 and len(again.entries) == 4  # the cache folder is not scanned as data
+
+
+def test_rank_pairs_split_the_work(tmp_path, pipe):
+    # (process_index, num_processes) without an Accelerator: each call caches its own share only.
+    make_data(tmp_path / "data")
+    with count_calls(pipe) as r0:
+        build_caches(opts(tmp_path), pipe.components, (0, 2), progress=False)
+    with count_calls(pipe) as r1:
+        build_caches(opts(tmp_path), pipe.components, (1, 2), progress=False)
+    assert r0["vae"] == 2 and r1["vae"] == 2
+    with count_calls(pipe) as after:
+        build_caches(opts(tmp_path), pipe.components, progress=False)
+    assert after == {"vae": 0, "clip": 0, "t5": 0}

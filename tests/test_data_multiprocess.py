@@ -43,6 +43,7 @@ def test_two_process_caching_splits_work_and_completes(tmp_path, tiny_flux_dir):
         write_image(data / f"{i}.png", 64 + 16 * (i % 3), 64, seed=i).with_suffix(".txt").write_text(f"caption {i % 6}")
     bad = write_image(data / "cut.jpg", 256, 256, 9)
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # decodes on neither rank
+    bad.with_suffix(".txt").write_text("caption 0")
     cache = tmp_path / "cache"
 
     ranks, stdout = _launch(tiny_flux_dir, data, cache, tmp_path / "s1")

@@ -62,7 +62,8 @@ def build_caches(options: DataOptions | dict, components, accelerator=None, *, t
     text_encoder_2; transformer optional, only read to tell schnell from dev). Models are used on
     whatever device/dtype they are on. accelerator: an accelerate Accelerator/PartialState (each rank
     caches its share; all ranks return the same complete plan), a (process_index, num_processes) pair
-    (no barrier: the caller synchronises), or None. dtype: storage dtype of cached tensors (default:
+    (no barrier: each call caches its share; once the caller has synchronised, a further call returns
+    the verified plan and encodes nothing), or None. dtype: storage dtype of cached tensors (default:
     the encoders' output dtype).
     """
     options = options if isinstance(options, DataOptions) else DataOptions.from_dict(options)
@@ -82,12 +83,13 @@ def build_caches(options: DataOptions | dict, components, accelerator=None, *, t
     if any(x is None for x in (enc.tokenizer, enc.text_encoder, enc.tokenizer_2, enc.text_encoder_2)):
         raise ValueError("components needs tokenizer, text_encoder, tokenizer_2 and text_encoder_2")
     identity = enc.identity()
-    failed = {p for p, _ in lat.failed}
-    usable = [it for it in result.items if it.path not in failed]
-    jobs = {text_path(it.cache_root, cap, identity): cap for it in usable for cap in it.captions.values()}
+    # Text jobs from every scanned image (not only those whose latents succeeded), so all ranks split
+    # the same list even when they cannot synchronise.
+    jobs = {text_path(it.cache_root, cap, identity): cap for it in result.items for cap in it.captions.values()}
     txt = cache_texts(jobs, enc, identity, ranks, dtype, progress=progress)
 
-    entries = [_entry(it, identity) for it in usable]
+    failed = {p for p, _ in lat.failed}
+    entries = [_entry(it, identity) for it in result.items if it.path not in failed]
     if not entries:
         raise ValueError("empty dataset: no image could be decoded and cached")
     skipped = ([(p, why) for p, why in result.undecodable] + [(p, "too small") for p in result.too_small]

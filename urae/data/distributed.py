@@ -16,6 +16,10 @@ class Ranks:
     def is_main(self) -> bool:
         return self.index == 0
 
+    @property
+    def can_sync(self) -> bool:
+        return self._state is not None or self.count == 1
+
     def barrier(self) -> None:
         if self._state is not None and self.count > 1:
             self._state.wait_for_everyone()

@@ -162,7 +162,7 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
     bar.close()
     ranks.barrier()
     report.seconds = time.perf_counter() - start
-    if ranks.count > 1:
+    if ranks.count > 1 and ranks.can_sync:
         # Every rank checks the other ranks' shares too (header reads only), so all ranks agree on
         # which images have a cache and return the same plan.
         mine_failed = {p for p, _ in report.failed}
