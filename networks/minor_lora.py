@@ -1302,8 +1302,17 @@ def _plan_from_file(sd: dict, meta: dict, layout: str, unet_shapes: dict, te_sha
 # --------------------------------------------------------------------------------------------
 
 
+KNOWN_ARGS = {"init", "targets", "dropout", "rank_dropout", "module_dropout", "rank_pattern", "alpha_pattern",
+              "train_t5xxl", "svd_device", "init_cache", "base_lora", "runtime", "verbose", "loraplus_lr_ratio",
+              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+
+
 def create_network(multiplier, network_dim, network_alpha, ae, text_encoders, flux, neuron_dropout=None, **kwargs):
     """sd-scripts FLUX signature; `--network_args` arrive in kwargs as strings."""
+    unknown = sorted(set(kwargs) - KNOWN_ARGS)
+    if unknown:
+        # lora_flux options such as split_qkv/train_blocks mean nothing here; say so instead of ignoring them quietly.
+        logger.warning(f"minor_lora: ignoring network_args {unknown}; known: {sorted(KNOWN_ARGS)}")
     network_dim = 16 if network_dim is None else int(network_dim)
     network_alpha = float(network_dim) if network_alpha is None else float(network_alpha)
     dropout = _as_float(kwargs.get("dropout")) if kwargs.get("dropout") is not None else neuron_dropout
