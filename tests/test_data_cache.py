@@ -215,6 +215,7 @@ def test_caption_variant_probability_and_posterior_samples(tmp_path, pipe):
     scale, shift = float(meta["scaling_factor"]), float(meta["shift_factor"])
     assert torch.equal(ds[(0, 7)]["latents"], ds[(0, 7)]["latents"])
     assert not torch.equal(ds[(0, 7)]["latents"], ds[(0, 8)]["latents"])
+    assert not torch.equal(ds[(0, 7, 0)]["latents"], ds[(0, 7, 1)]["latents"])  # a repeat in the same epoch
     noise = torch.stack([(d["latents"] / scale + shift - mean) / std for d in draws[:50]])
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
 
@@ -236,9 +237,10 @@ def test_batches_never_mix_buckets():
         orders.append(batches)
         counts = {}
         for batch in batches:
-            assert len(batch) == 4 and len({entries[i].bucket for i, _ in batch}) == 1
-            assert all(e == epoch for _, e in batch)
-            for i, _ in batch:
+            assert len(batch) == 4 and len({entries[i].bucket for i, _, _ in batch}) == 1
+            assert len(set(batch)) == 4  # repeats and top-ups are distinct draws
+            assert all(e == epoch for _, e, _ in batch)
+            for i, _, _ in batch:
                 counts[i] = counts.get(i, 0) + 1
         # every image at least num_repeats times; extras only from topping up a bucket's last batch
         assert all(counts[i] >= e.num_repeats for i, e in enumerate(entries))
@@ -259,8 +261,8 @@ def test_accelerate_sharding_keeps_buckets_pure():
     seen = set()
     for shard in shards:
         for batch in shard:
-            assert len(batch) == 2 and len({entries[i].bucket for i, _ in batch}) == 1
-            seen.update(i for i, _ in batch)
+            assert len(batch) == 2 and len({entries[i].bucket for i, _, _ in batch}) == 1
+            seen.update(i for i, _, _ in batch)
     assert seen == set(range(len(entries)))
 
 

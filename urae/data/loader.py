@@ -1,7 +1,8 @@
 """Training batches from the caches: a Dataset, a bucket-pure batch sampler, and the DataLoader.
 
-Every random choice (posterior sample, caption variant) is seeded by (seed, epoch, sample index), so
-batches are reproducible and identical whatever `num_workers` is.
+Every random choice (posterior sample, caption variant) is seeded by (seed, epoch, sample index,
+occurrence in the epoch), so batches are reproducible and identical whatever `num_workers` is, and
+the repeats of an image (num_repeats) get their own draws.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def choose_variant(entry: CacheEntry, rng: random.Random) -> str:
 
 
 class CachedDataset(Dataset):
-    """Indexed by (sample index, epoch); yields latents in FLUX space plus the caption embeddings."""
+    """Indexed by (sample index, epoch, occurrence); yields FLUX-space latents plus the caption embeddings."""
 
     def __init__(self, entries: list[CacheEntry], seed: int = 0, sample_posterior: bool = True):
         self.entries = entries
@@ -50,9 +51,9 @@ class CachedDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, key) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, occurrence = (tuple(key) + (0, 0))[:3] if isinstance(key, (tuple, list)) else (key, 0, 0)
         entry = self.entries[index]
-        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        rng = random.Random(f"{self.seed}:{epoch}:{index}:{occurrence}")
         latents, meta = load_safetensors(entry.latent_file)
         gen = torch.Generator().manual_seed(rng.getrandbits(63))
         # The FLUX normalisation lives here, with the factors the cache was written with.
@@ -121,8 +122,13 @@ class BucketBatchSampler(Sampler):
     def __iter__(self):
         epoch = self.epoch
         self.epoch += 1
+        seen: dict[int, int] = {}
         for b in self._batches(epoch):
-            yield [(i, epoch) for i in b]
+            out = []
+            for i in b:
+                out.append((i, epoch, seen.get(i, 0)))
+                seen[i] = seen.get(i, 0) + 1
+            yield out
 
     def __len__(self) -> int:
         return len(self._batches(self.epoch))
