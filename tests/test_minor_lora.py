@@ -679,3 +679,47 @@ def test_runtime_settings_round_trip(tmp_path):
     net2, _ = ml.create_network_from_weights(1.0, str(f), None, [], copy.deepcopy(t))
     assert net2.runtime_settings["ntk_factor"] == 10
     assert math.isclose(float(sd["transformer.transformer_blocks.0.attn.to_q.alpha"]), 2 * ALPHA)
+
+
+def test_add_lora_to_state_dict_keeps_dtype_and_uses_fp32_maths(tmp_path):
+    t = tiny()
+    net = make(copy.deepcopy(t), "minor")
+    perturb(net, seed=3)
+    net.save_weights(str(tmp_path / "f.safetensors"), None, {})
+    sd = ml._read_file(str(tmp_path / "f.safetensors"))[0]
+    base = {k: v.to(torch.bfloat16) for k, v in t.state_dict().items()}
+    out = ml.add_lora_to_state_dict(base, sd)
+    deltas = net.delta_weights()
+    shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in base.items() if v.dim() == 2}
+    ref = ml.lora_delta_weights(sd, shapes)
+    assert ref.keys() == deltas.keys()
+    for name, dw in deltas.items():
+        k = f"{name}.weight"
+        assert out[k].dtype == torch.bfloat16
+        assert torch.equal(out[k], (base[k].float() + ref[name]).to(torch.bfloat16))  # fp32 sum, one rounding
+        assert torch.allclose(ref[name], dw, atol=1e-6)
+    untouched = [k for k in base if k[: -len(".weight")] not in deltas]
+    assert all(out[k] is base[k] for k in untouched)
+    # BFL-prefixed single-file layout gets the same change in its fused rows.
+    bfl = {f"model.diffusion_model.{k}": v for k, v in diffusers_to_bfl(t.state_dict(), 2, 2).items()}
+    out_b = ml.add_lora_to_state_dict(bfl, sd)
+    qkv = out_b["model.diffusion_model.double_blocks.1.img_attn.qkv.weight"] - bfl[
+        "model.diffusion_model.double_blocks.1.img_attn.qkv.weight"]
+    assert torch.allclose(qkv[32:64], deltas["transformer_blocks.1.attn.to_k"], atol=1e-6)
+
+
+def test_max_norm_and_loraplus():
+    t = tiny()
+    net = make(copy.deepcopy(t), "plain", loraplus_lr_ratio="4")
+    params, desc = net.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-3)
+    assert desc == ["unet", "unet plus"] and [g["lr"] for g in params] == [1e-4, 4e-4]
+    perturb(net, seed=1, std=0.5)
+    before = max(dw.norm().item() for dw in net.delta_weights().values())
+    scaled, mean, mx = net.apply_max_norm_regularization(0.05, "cpu")
+    assert scaled == 14 and mx <= 0.05 + 1e-6 and before > 0.05
+    assert max(dw.norm().item() for dw in net.delta_weights().values()) <= 0.05 + 1e-6
+    net = make(copy.deepcopy(t), "minor")
+    perturb(net, seed=1, std=0.05)
+    before = max(dw.norm().item() for dw in net.delta_weights().values())
+    scaled, mean, mx = net.apply_max_norm_regularization(before / 4, "cpu")
+    assert scaled > 0 and mx < before / 2  # deviations scaled: the change shrinks (first order exactly)
