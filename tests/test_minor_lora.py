@@ -723,3 +723,46 @@ def test_max_norm_and_loraplus():
     before = max(dw.norm().item() for dw in net.delta_weights().values())
     scaled, mean, mx = net.apply_max_norm_regularization(before / 4, "cpu")
     assert scaled > 0 and mx < before / 2  # deviations scaled: the change shrinks (first order exactly)
+
+
+def test_fused_kohya_file_read_by_diffusers_converter_at_flux_width(tmp_path):
+    """At FLUX.1's real width (3072) diffusers' kohya converter splits our fused qkv/linear1 files exactly."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    h = 3072
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.0.img_attn.proj": (h, h),
+              "single_blocks.0.linear1": (3 * h + 4 * h, h)}
+    with torch.device("meta"):  # no weight values are needed to build, fill and export the adapters
+        tree = module_tree({n: torch.empty(s) for n, s in shapes.items()})
+    r = 2
+    net = ml.MinorLoRANetwork([], tree, lora_dim=r, alpha=3.0, init="minor", verbose=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lo in net.unet_loras:
+            for i in range(len(lo.slices)):
+                d0, u0 = lo.frozen(i)
+                for t in (d0, u0, lo.lora_down[i], lo.lora_up[i]):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+            lo.initialized = True
+    file = tmp_path / "flux_width.safetensors"
+    net.save_weights(str(file), None, {})
+    sd = ml._read_file(str(file))[0]
+    ours = ml.lora_delta_weights(sd, shapes)
+    conv = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    targets = {
+        "transformer_blocks.0.attn.to_q": ("double_blocks.0.img_attn.qkv", 0),
+        "transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv", 1),
+        "transformer_blocks.0.attn.to_v": ("double_blocks.0.img_attn.qkv", 2),
+        "transformer_blocks.0.attn.to_out.0": ("double_blocks.0.img_attn.proj", 0),
+        "single_transformer_blocks.0.attn.to_q": ("single_blocks.0.linear1", 0),
+        "single_transformer_blocks.0.attn.to_k": ("single_blocks.0.linear1", 1),
+        "single_transformer_blocks.0.attn.to_v": ("single_blocks.0.linear1", 2),
+    }
+    worst = 0.0
+    for dname, (bname, j) in targets.items():
+        a, b = conv[f"transformer.{dname}.lora_A.weight"], conv[f"transformer.{dname}.lora_B.weight"]
+        worst = max(worst, (b.double() @ a.double() - ours[bname][j * h: (j + 1) * h].double()).abs().max().item())
+    mlp = conv.get("transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight")
+    assert mlp is None or not mlp.any()
+    print(f"diffusers kohya converter vs our delta at width 3072: max abs diff {worst:.3e}")
+    assert worst < 1e-6
