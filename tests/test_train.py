@@ -116,12 +116,16 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp
     assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto")) == 0
 
     a, b = load_file(full / "urae_demo.safetensors"), load_file(cut / "urae_demo.safetensors")
-    assert a.keys() == b.keys()
+    mid = load_file(full / "state-0000004" / "adapter.safetensors")
+    assert a.keys() == b.keys() == mid.keys()
+    # float32 GEMMs may round differently between processes (buffer alignment), so "the same adapter"
+    # means: the resumed run lands on the uninterrupted one far closer than the last 4 steps moved it
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff <= 1e-6, diff
+    moved = max((a[k] - mid[k]).abs().max().item() for k in a)
+    assert moved > 0 and diff <= 1e-3 * moved, (diff, moved)
     la, lb = log_losses(full), log_losses(cut)
     assert la.keys() == lb.keys() == set(range(1, 9))
-    assert all(abs(la[s] - lb[s]) <= 1e-6 for s in range(5, 9)), (la, lb)
+    assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in range(5, 9)), (la, lb)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tiny_flux_dir, data_dir, tmp_path):
