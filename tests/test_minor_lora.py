@@ -14,6 +14,15 @@ from urae.flux_keys import diffusers_to_bfl, double_block_pairs, single_block_pa
 R, ALPHA = 4, 2.0  # alpha != rank so every scale factor is exercised
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices gain nothing from threads, and spinning OpenMP threads on a loaded 2-core box cost seconds.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(seed=0):
     from urae.tiny import build_transformer
 
