@@ -528,21 +528,19 @@ class MinorLoRAModule(nn.Module):
         h = F.linear(xin, torch.cat(downs) if len(downs) > 1 else downs[0])
         if self.training and (self.dropout or rank_drop):
             h = self._drop(h, segs)
-        deltas: dict[int, torch.Tensor] = {}
-        col = 0
-        ucol = 0
+        # A slice's segments are adjacent columns of h, so each slice needs one view and one up matrix.
+        cols: dict[int, list] = {}
         up_blocks: dict[int, list] = {}
-        h_blocks: dict[int, list] = {}
+        col = ucol = 0
         for i, r, n in segs:
-            width = r * max(n, 1)
-            h_blocks.setdefault(i, []).append(h[..., col: col + width])
-            up_blocks.setdefault(i, []).extend(ups[ucol: ucol + max(n, 1)])
-            ucol += max(n, 1)
-            col += width
-        for i in h_blocks:
-            hi = h_blocks[i][0] if len(h_blocks[i]) == 1 else torch.cat(h_blocks[i], -1)
+            width, k = r * max(n, 1), max(n, 1)
+            cols.setdefault(i, [col, col])[1] = col + width
+            up_blocks.setdefault(i, []).extend(ups[ucol: ucol + k])
+            col, ucol = col + width, ucol + k
+        deltas: dict[int, torch.Tensor] = {}
+        for i, (c0, c1) in cols.items():
             ui = up_blocks[i][0] if len(up_blocks[i]) == 1 else torch.cat(up_blocks[i], 1)
-            deltas[i] = F.linear(hi, ui).to(y.dtype)
+            deltas[i] = F.linear(h[..., c0:c1], ui).to(y.dtype)
         if len(self._tiles) == 1:
             return y + deltas[0]
         pieces = []
@@ -1359,3 +1357,10 @@ def create_network_from_weights(multiplier, file, ae, text_encoders, flux, weigh
     network._load_state(weights_sd, meta if "urae_structure" in meta and meta.get("urae_layout") == layout else {},
                         str(file))
     return network, weights_sd
+
+
+# Public names for the LoRA file tools in networks/ (same objects, no behaviour of their own).
+TargetMap = _TargetMap
+group_lora_keys = _group_lora_keys
+read_lora_file = _read_file
+kohya_name = _kohya_name
