@@ -151,7 +151,7 @@ def vae_memory(size: int) -> list[dict]:
             subprocess.run([sys.executable, __file__, "--_vae-child", mode, str(size), out], env=env, check=True,
                            capture_output=True)
             rows.append(json.loads(Path(out).read_text()))
-        diff = (torch.load(f"{tmp}/whole.json.pt") - torch.load(f"{tmp}/split.json.pt")).abs().max().item()
+        diff = (torch.load(f"{tmp}/whole.json.pt", weights_only=True) - torch.load(f"{tmp}/split.json.pt", weights_only=True)).abs().max().item()
     for r in rows:
         r["max_abs_diff"] = diff
     return rows

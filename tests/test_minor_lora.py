@@ -560,7 +560,7 @@ def test_svd_shared_across_processes(tmp_path):
     single = ml.create_network(1.0, R, ALPHA, None, [], module_tree(weights), verbose="False")
     single.initialize()
     ref = single.state_dict()
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     assert r0["computed"] + r1["computed"] == 14 and min(r0["computed"], r1["computed"]) == 7
     for k in ref:
         assert torch.equal(r0["state"][k], ref[k]) and torch.equal(r1["state"][k], ref[k]), k
