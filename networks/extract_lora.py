@@ -6,8 +6,8 @@
 TUNED and BASE are diffusers folders or single-file transformers, in either layout (they may
 differ). Per target Linear (diffusers names; `urae` = the 190 attention projections of FLUX.1,
 `all` = every Linear in the blocks, `linear` = every Linear) the difference D = W_tuned − W_base
-is taken in fp64 and its R largest singular triplets (minor_lora's SVD code, with "major") become
-down = sqrt(S) Vh, up = U sqrt(S), alpha = R. The relative error ||D − up·down||_F / ||D||_F is
+is taken in fp64 and its R largest singular triplets (randomized by default, or minor_lora's fp64
+SVD code with --method exact) become down = sqrt(S) Vh, up = U sqrt(S), alpha = R. The relative error ||D − up·down||_F / ||D||_F is
 reported per layer; it is zero (to rounding) when D has rank <= R. Layers with D = 0 are skipped.
 Weights are read one layer at a time.
 """
@@ -30,9 +30,22 @@ from urae.io import save_safetensors_atomic
 PRESETS = {**TARGET_PRESETS, "linear": r".*"}
 
 
-def low_rank(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) in fp64 with up @ down the best rank-`rank` approximation of d."""
+def low_rank(d: torch.Tensor, rank: int, method: str = "lowrank") -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) in fp64 with up @ down the rank-`rank` truncated SVD of d.
+
+    "exact": minor_lora's fp64 Gram-eigh SVD code (the R largest triplets). "lowrank": randomized
+    range finder with 16 extra columns and 4 power iterations (torch.svd_lowrank, seeded): an n²·R
+    cost instead of n³, ~10x faster at 3072², exact when rank(d) <= R and within rounding of the
+    optimum for the fast-decaying spectra of fine-tuning differences (the reported error is measured).
+    """
     k = min(rank, *d.shape)
+    q = k + 16
+    if method == "lowrank" and q < min(d.shape):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(d, q=q, niter=4)
+        root = s[:k].sqrt()
+        return u[:, :k] * root, root[:, None] * v[:, :k].T
     if k < min(d.shape):
         up, down, _ = svd_components(d, k, "major")
         return up, down
@@ -41,7 +54,7 @@ def low_rank(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return u[:, :k] * root, root[:, None] * vh[:k]
 
 
-def extract(tuned, base, rank: int, targets: str = "urae", progress: bool = True):
+def extract(tuned, base, rank: int, targets: str = "urae", progress: bool = True, method: str = "lowrank"):
     """(PEFT tensors, metadata, [(layer, relative error)]) of the rank-R LoRA of tuned − base."""
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}")
@@ -63,7 +76,7 @@ def extract(tuned, base, rank: int, targets: str = "urae", progress: bool = True
             norm = d.norm()
             if norm == 0:
                 continue
-            up, down = low_rank(d, rank)
+            up, down = low_rank(d, rank, method)
             errors.append((name, float((d - up @ down).norm() / norm)))
             _put(out, f"{PEFT_UNET}.{name}", "peft", down, up, down.shape[0], torch.float32)
     if not out:
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="urae", help="urae (default), attn, all (block Linears), linear, or a regex "
                                                       "on diffusers names")
     ap.add_argument("--to", choices=("peft", "kohya"), default="peft")
+    ap.add_argument("--method", choices=("lowrank", "exact"), default="lowrank",
+                    help="randomized truncated SVD (fast, default) or a full fp64 SVD per layer")
     ap.add_argument("--save_dtype", "--save-dtype", choices=sorted(DTYPES), help="dtype of the factors (default fp32)")
     ap.add_argument("--report", help="also write every layer's relative error to this JSON file")
     ap.add_argument("--no-progress", action="store_true")
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.abspath(a.output) in (os.path.abspath(a.tuned), os.path.abspath(a.base)):
             raise ValueError("output would overwrite an input; choose another path")
         print(f"extracting a rank-{a.rank} LoRA ({a.targets} targets) from {a.tuned} - {a.base} -> {a.output}")
-        tensors, meta, errors = extract(a.tuned, a.base, a.rank, a.targets, not a.no_progress)
+        tensors, meta, errors = extract(a.tuned, a.base, a.rank, a.targets, not a.no_progress, a.method)
         dtype = DTYPES.get(a.save_dtype)
         if a.to == "kohya":
             tensors, meta = to_kohya(tensors, meta, a.output, dtype)

@@ -300,17 +300,18 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
 
 
 def _copy_tree(src: Path, dst: Path, skip: set) -> None:
-    """Copy a diffusers folder except the weight files being rewritten (hard links when possible)."""
+    """Copy a diffusers folder except the weight files being rewritten.
+
+    Real copies, not hard links: a later save_pretrained into the output would write through a link
+    into the input model.
+    """
     for p in src.rglob("*"):
         target = dst / p.relative_to(src)
         if p.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         elif p not in skip:
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(p, target)
-            except OSError:
-                shutil.copy2(p, target)
+            shutil.copy2(p, target)
 
 
 def _fix_index(wdir: Path, dtype) -> None:
@@ -323,7 +324,6 @@ def _fix_index(wdir: Path, dtype) -> None:
                 n = struct.unpack("<Q", fh.read(8))[0]
             total += (wdir / f).stat().st_size - 8 - n
         data.setdefault("metadata", {})["total_size"] = total
-        idx.unlink()  # a hard link to the input: replace it, never write through it
         idx.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m networks.merge_lora", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("paths", nargs="+", metavar="MODEL OUT | OUT",
+    ap.add_argument("paths", nargs="+", metavar="PATH",
                     help="MODEL OUT to merge into a checkpoint; OUT alone with --lora-only")
     ap.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     ap.add_argument("--lora-only", action="store_true", help="combine the LoRA files into one LoRA file")
