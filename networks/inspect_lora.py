@@ -74,9 +74,21 @@ def _kohya_table(keys) -> dict[str, str]:
         m = re.match(rf"^{PREFIX_UNET}_(double|single)_blocks_(\d+)_", k)
         if m:
             ids[m.group(1)] = max(ids[m.group(1)], int(m.group(2)) + 1)
-    table = {f"{PREFIX_UNET}_{bfl.replace('.', '_')}": bfl for bfl, _ in linear_pairs(ids["double"], ids["single"])}
+    pairs = linear_pairs(ids["double"], ids["single"])
+    table = {f"{PREFIX_UNET}_{bfl.replace('.', '_')}": bfl for bfl, _ in pairs}
     table[f"{PREFIX_UNET}_{FINAL_BFL.replace('.', '_')}"] = FINAL_BFL
     return table
+
+
+def _kohya_diffusers_table(keys) -> dict[str, str]:
+    """kohya module name -> diffusers path, for kohya-form files written with diffusers names."""
+    ids = {"transformer_blocks": 0, "single_transformer_blocks": 0}
+    for k in keys:
+        m = re.match(rf"^{PREFIX_UNET}_((?:single_)?transformer_blocks)_(\d+)_", k)
+        if m:
+            ids[m.group(1)] = max(ids[m.group(1)], int(m.group(2)) + 1)
+    names = [d for _, ds in linear_pairs(ids["transformer_blocks"], ids["single_transformer_blocks"]) for d in ds]
+    return {f"{PREFIX_UNET}_{d.replace('.', '_')}": d for d in names + [FINAL_DIFFUSERS]}
 
 
 def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
@@ -92,7 +104,7 @@ def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
     if not groups:
         raise ValueError(f"{source}: no LoRA weights (lora_down/lora_up or lora_A/lora_B keys) found; "
                          f"keys look like {sorted(sd)[:3]}")
-    table = _kohya_table(groups)
+    table, dtable = _kohya_table(groups), _kohya_diffusers_table(groups)
     known = {s for s in (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")}
     stray = [k for k in sd if not any(k.endswith(s) for s in known)]
     if stray:
@@ -108,6 +120,8 @@ def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
                 rec.update(te=te, path=key[len(PREFIX_TE[te]) + 1:], layout="te")
             elif key in table:
                 rec.update(path=table[key], layout="bfl")
+            elif key in dtable:
+                rec.update(path=dtable[key], layout="diffusers")
             else:
                 foreign.append(key)
                 continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -40,6 +41,8 @@ _ST_DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_DEFAULT_WEIGHTS = re.compile(r"^diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors$")
+_OTHER_WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt)$|\.index\..+\.json$")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -79,11 +82,13 @@ class Checkpoint:
         if self.path.is_dir():
             self.root = self.path
             tdir = self.path / "transformer" if (self.path / "model_index.json").is_file() else self.path
-            files = sorted(tdir.glob("*.safetensors"))
+            # The default weights only: variants (.fp16.safetensors) and .bin copies hold the same tensors.
+            files = sorted(f for f in tdir.glob("*.safetensors") if _DEFAULT_WEIGHTS.match(f.name))
             if not files:
                 raise FileNotFoundError(f"{self.path}: no transformer .safetensors files in {tdir}; expected a "
                                         f"diffusers FLUX.1 folder or a single-file checkpoint")
             self.weights_dir = tdir
+            self.other_weights = sorted(f for f in tdir.iterdir() if f not in files and _OTHER_WEIGHTS.search(f.name))
         elif self.path.is_file():
             files = [self.path]
         else:
@@ -229,9 +234,15 @@ def _deltas(ck: Checkpoint, loras: list[tuple[str, float]]) -> dict[str, list]:
     items: dict[str, list] = {}
     for path, scale in loras:
         sd, meta = read_lora(path)
+        te = {k.rsplit(".", 2)[0] for k in sd if k.startswith(("lora_te", "text_encoder"))}
+        if te:
+            print(f"note: {path}: {len(te)} text-encoder modules are not merged (transformer only)", file=sys.stderr)
         # In the checkpoint's own naming, global layers (x_embedder/img_in, norm_out/final_layer) map too.
         try:
-            sd = (to_kohya if ck.layout == "bfl" else to_peft)(sd, meta, os.fspath(path))[0]
+            if ck.layout == "bfl":
+                sd = to_kohya(sd, meta, os.fspath(path))[0]
+            else:
+                sd = to_peft(sd, meta, os.fspath(path), skip_text_encoder=True)[0]
         except NotBlockDiagonalError:
             pass  # a fused LoRA that is not block-diagonal: TargetMap applies it to the q/k/v rows as it is
         for m, a, b, down, up in tmap.resolve(sd, scale, source=os.fspath(path)):
@@ -286,7 +297,10 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             try:
                 rel = ck.weights_dir.relative_to(ck.root)
-                _copy_tree(ck.root, tmp, skip=set(ck.files))
+                if ck.other_weights:  # copying them unmerged would let a variant load the old weights
+                    print(f"note: not copied (other copies of the transformer weights): "
+                          f"{', '.join(f.name for f in ck.other_weights)}", file=sys.stderr)
+                _copy_tree(ck.root, tmp, skip=set(ck.files) | set(ck.other_weights))
                 for f in ck.files:
                     write_safetensors_streaming(tmp / rel / f.name, _entries(ck, f, save_dtype), produce,
                                                 ck.metadata[f])
@@ -334,7 +348,7 @@ def _fix_index(wdir: Path, dtype) -> None:
 
 def combine_loras(loras: list[tuple[str, float]], form: str | None = None, dtype=None) -> tuple[dict, dict]:
     """One standard LoRA with ΔW = Σ scale·ΔW_i, by rank concatenation per module (scales folded into up)."""
-    from networks.convert_lora import to_kohya, to_peft
+    from networks.convert_lora import NotBlockDiagonalError, to_kohya, to_peft
     from networks.inspect_lora import detect_form, lora_modules, read_lora
 
     files = []
@@ -349,7 +363,10 @@ def combine_loras(loras: list[tuple[str, float]], form: str | None = None, dtype
     groups: dict[str, list] = {}
     out_dtype = dtype
     for path, scale, sd, meta in files:
-        sd, _ = conv(sd, meta, os.fspath(path))
+        try:
+            sd, _ = conv(sd, meta, os.fspath(path))
+        except NotBlockDiagonalError as e:
+            raise ValueError(f"{e}\n-> combine in kohya form instead: --to kohya") from e
         for r in lora_modules(sd, os.fspath(path)):
             groups.setdefault(r["key"], []).append((r["down"].float(), r["up"].float() * (r["scale"] * scale)))
             out_dtype = out_dtype or r["down"].dtype

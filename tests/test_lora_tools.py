@@ -1,5 +1,6 @@
 """LoRA file tools (networks.inspect_lora / convert_lora / merge_lora / extract_lora) on the tiny FLUX.1."""
 
+import copy
 import json
 import re
 
@@ -259,6 +260,40 @@ def test_merge_into_diffusers_folder_equals_base_plus_delta_and_merge_to(tmp_pat
     net.merge_to(None, ref, weights)
     for key, w in ref.state_dict().items():
         assert torch.allclose(merged[key], w, atol=TOL, rtol=0), key
+
+
+def test_merge_into_sharded_transformer_folder(tmp_path, base, shapes, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    src = tmp_path / "transformer"
+    base.save_pretrained(src, max_shard_size="100KB")
+    copy.deepcopy(base).half().save_pretrained(src, variant="fp16")  # a variant copy must not survive unmerged
+    shards = sorted(p.name for p in src.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 2
+    names = urae_names(shapes)
+    sd = peft_lora(shapes, names, rank=2, seed=9)
+    # kohya form with diffusers names (some trainers write these) plus a text-encoder module.
+    k = {f"lora_unet_{key[len('transformer.'):].replace('.lora_A.weight', '').replace('.', '_')}.lora_down.weight": v
+         for key, v in sd.items() if key.endswith("lora_A.weight")}
+    k |= {key.replace("lora_down", "lora_up"): sd[f"transformer.{n}.lora_B.weight"]
+          for key, n in zip(list(k), names)}
+    k["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 32)
+    k["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(37, 2)
+    save_file(k, tmp_path / "k.safetensors")
+    info = inspect_lora.describe(tmp_path / "k.safetensors")
+    assert info["form"] == "kohya" and info["urae_layers"] == 14 and info["text_encoder_modules"] == 1
+    rc, _, err = run(merge_lora, [src, tmp_path / "out", "--lora", tmp_path / "k.safetensors", "--save_dtype", "bf16",
+                                  "--no-progress"], capsys)
+    assert rc == 0 and "1 text-encoder modules are not merged" in err and "fp16" in err, err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == shards
+    index = json.loads((tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in base.state_dict().values())
+    merged = FluxTransformer2DModel.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).state_dict()
+    assert {v.dtype for f in shards for v in load_file(tmp_path / "out" / f).values()} == {torch.bfloat16}
+    d = deltas(sd, shapes)
+    for key, w in base.state_dict().items():
+        n = key[: -len(".weight")]
+        assert torch.equal(merged[key], (w + d[n] if n in d else w).bfloat16()), key
 
 
 def test_merge_into_bfl_single_file_keeps_layout_and_dtype(tmp_path, base, shapes, tiny_flux_dir,
