@@ -53,6 +53,7 @@ from networks.minor_lora import (
     PREFIX_TE,
     PREFIX_UNET,
     TargetMap,
+    addnet_hashes,
     bfl_equivalents,
     bfl_row_sizes,
     kohya_name,
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             conv = to_kohya if a.to == "kohya" else to_peft
             kwargs = {"skip_text_encoder": a.skip_text_encoder} if a.to == "peft" else {}
             out, meta = conv(sd, meta, a.input, dtype, **kwargs)
+        if any(k.startswith("sshs_") for k in meta):  # sd-scripts' file hashes: recompute for the new tensors
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(out, meta)
         save_safetensors_atomic(out, a.output, meta)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -198,8 +198,9 @@ def describe(path) -> dict:
     """Facts about a LoRA file as a JSON-ready dict."""
     sd, meta = read_lora(path)
     form = detect_form(sd, meta)
-    info: dict = {"file": os.fspath(path), "bytes": os.path.getsize(path), "form": form,
-                  "tensors": len(sd), "dtypes": dict(Counter(str(v.dtype).replace("torch.", "") for v in sd.values()))}
+    factors = [v for k, v in sd.items() if not k.endswith(".alpha")]
+    info: dict = {"file": os.fspath(path), "bytes": os.path.getsize(path), "form": form, "tensors": len(sd),
+                  "dtypes": dict(Counter(str(v.dtype).replace("torch.", "") for v in factors))}
     if form == "urae-official":
         info.update(_official_summary(sd), layout="diffusers",
                     note="official URAE 4K adapter: no init copies; converting needs the base model")
@@ -220,6 +221,9 @@ def describe(path) -> dict:
             "params": sum(r["down"].numel() + r["up"].numel() for r in recs),
         })
     info["other_layers"] = info["diffusers_layers"] - info["urae_layers"]
+    if form == "ours" and meta.get("urae_layout") not in (None, info["layout"]):
+        info["note"] = (f"written by minor_lora in the {meta['urae_layout']} layout and converted: it applies the "
+                        f"same ΔW; minor_lora resumes training only from a file in the model's own layout")
     ours = {k: v for k, v in meta.items() if k.startswith("urae_") and k != "urae_structure"}
     if "urae_runtime" in ours:
         ours["urae_runtime"] = json.loads(ours["urae_runtime"])
@@ -231,12 +235,16 @@ def describe(path) -> dict:
     return info
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def format_text(info: dict) -> str:
     def counts(d):
         return ", ".join(f"{k} ({v})" if len(d) > 1 else str(k) for k, v in d.items()) or "-"
 
     lines = [
-        f"{info['file']}: {info['form']} LoRA ({info['layout']} layout), {info['bytes'] / 2**20:.1f} MiB, "
+        f"{info['file']}: {info['form']} LoRA ({info['layout']} layout), {_size(info['bytes'])}, "
         f"{info['tensors']} tensors",
         f"  modules:   {info['modules']} transformer" + (f" + {info['text_encoder_modules']} text encoder"
                                                         if info.get("text_encoder_modules") else "")
@@ -250,10 +258,9 @@ def format_text(info: dict) -> str:
     ]
     if info.get("note"):
         lines.append(f"  note:      {info['note']}")
-    for k, v in info["urae_metadata"].items():
-        lines.append(f"  {k}: {json.dumps(v) if isinstance(v, dict) else v}")
-    for k, v in info["ss_metadata"].items():
-        lines.append(f"  {k}: {v if len(str(v)) < 120 else str(v)[:117] + '...'}")
+    for k, v in [*info["urae_metadata"].items(), *info["ss_metadata"].items()]:
+        v = json.dumps(v) if isinstance(v, dict) else str(v)
+        lines.append(f"  {k}: {v if len(v) < 120 else v[:117] + '...'}")
     if info["other_metadata"]:
         lines.append(f"  other metadata keys: {', '.join(info['other_metadata'])}")
     return "\n".join(lines)

@@ -1364,3 +1364,4 @@ TargetMap = _TargetMap
 group_lora_keys = _group_lora_keys
 read_lora_file = _read_file
 kohya_name = _kohya_name
+addnet_hashes = _addnet_hashes

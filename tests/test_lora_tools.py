@@ -97,7 +97,7 @@ def test_inspect_reports_form_ranks_scales_targets(tmp_path, shapes, capsys):
     info = inspect_lora.describe(tmp_path / "p.safetensors")
     assert info["form"] == "peft" and info["layout"] == "diffusers"
     assert info["modules"] == 14 and info["ranks"] == {4: 14} and info["scales"] == {"0.5": 14}
-    assert info["urae_layers"] == 14 and info["other_layers"] == 0 and info["dtypes"] == {"float32": 42}
+    assert info["urae_layers"] == 14 and info["other_layers"] == 0 and info["dtypes"] == {"float32": 28}
     assert info["ss_metadata"] == {"ss_network_dim": "4"}
 
     k, meta = convert_lora.to_kohya(sd, {})
@@ -127,7 +127,7 @@ def test_inspect_counts_the_190_urae_layers_of_flux1_and_reads_our_metadata(tmp_
     assert info["urae_metadata"]["urae_init"] == "minor" and info["urae_metadata"]["urae_rank"] == "4"
     assert info["urae_metadata"]["urae_runtime"] == {"ntk_factor": 10, "proportional_attention": True}
     assert info["ss_metadata"]["ss_network_module"] == "networks.minor_lora"
-    assert info["dtypes"] == {"float16": 42}
+    assert info["dtypes"] == {"float16": 28}
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +162,25 @@ def test_convert_peft_kohya_peft_is_lossless(tmp_path, shapes, tiny_bfl_checkpoi
     # Without the recorded split a block-diagonal up is split by its columns: same ΔW.
     p3, _ = convert_lora.to_peft(k, {})
     assert_same_deltas(deltas(p3, shapes), deltas(sd, shapes))
+
+
+def test_minor_lora_file_round_trip_through_kohya_still_resumes(tmp_path, base, capsys):
+    from networks.minor_lora import create_network_from_weights
+
+    net = create_network(1.0, 4, 4, None, None, base, init="minor", verbose="False")
+    net.initialize()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    net.save_weights(tmp_path / "ours.safetensors", None, {"ss_output_name": "x"})
+    for src, dst, form in (("ours", "k", "kohya"), ("k", "back", "peft")):
+        assert run(convert_lora, [tmp_path / f"{src}.safetensors", tmp_path / f"{dst}.safetensors", "--to", form],
+                   capsys)[0] == 0
+    net2, _ = create_network_from_weights(1.0, str(tmp_path / "back.safetensors"), None, None, base)
+    assert net2.init == "minor"  # the layout matches again, so the recorded structure is used
+    assert_same_deltas(net2.delta_weights(), net.delta_weights())
+    with safe_open(str(tmp_path / "back.safetensors"), "pt") as f, safe_open(str(tmp_path / "ours.safetensors"), "pt") as g:
+        assert f.metadata()["sshs_model_hash"] == g.metadata()["sshs_model_hash"]  # the very same tensors again
 
 
 def test_convert_refuses_a_fused_lora_that_is_not_block_diagonal(tmp_path, tiny_bfl_checkpoint, capsys):
