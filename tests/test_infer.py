@@ -120,7 +120,8 @@ def _corrupt(path):
     return data[: len(data) // 3]
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt",
+                                  "two_inits"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trained_lora, tmp_path, capsys):
     extra = ["--prompt", "x", "--width", "64", "--height", "64"]
     if case == "missing":
@@ -147,6 +148,11 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
         f.write_text("\n# nothing\n")
         extra = ["--prompts_file", str(f)]
         want = "no prompts"
+    elif case == "two_inits":
+        init = tmp_path / "init.png"
+        Image.new("RGB", (64, 64)).save(init)
+        extra += ["--init_image", str(init), "--init_resolution", "256"]
+        want = "not both"
     else:
         extra = []
         want = "no prompts"

@@ -205,3 +205,50 @@ def test_presets_hold_the_recipes():
     assert (p4["ntk_factor"], p4["proportional_attention"], p4["real_prompt_ratio"]) == (10.0, True, 0.2)
     assert p4["max_train_steps"] == 10000 and p4["base_lora"].endswith("urae_2k.safetensors")
     assert demo["demo"] is True and "init=minor" in demo["network_args"]
+
+
+def test_cache_only_then_training_and_resume_auto_without_states(tiny_flux_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "seq"
+    assert main(args(tiny_flux_dir, data_dir, out, "--cache_only")) == 0
+    assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "2")) == 0  # caching left no marker
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "train_config.toml").write_text("")  # a run that died before its first save
+    assert main(args(tiny_flux_dir, data_dir, crashed, "--max_train_steps", "2", "--resume", "auto")) == 0
+    assert "no saved state" in capsys.readouterr().out
+
+
+def test_overwrite_removes_the_old_runs_states(tiny_flux_dir, data_dir, tmp_path):
+    out = tmp_path / "ow"
+    assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4", "--save_every_n_steps", "2")) == 0
+    assert [p.name for p in sorted(out.glob("state-*"))] == ["state-0000002", "state-0000004"]
+    assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "1", "--save_every_n_steps", "1",
+                     "--overwrite")) == 0
+    assert [p.name for p in sorted(out.glob("state-*"))] == ["state-0000001"]
+    assert len(log_losses(out)) == 1
+
+
+def test_settings_that_would_be_ignored_or_fail_late_are_refused(tiny_flux_dir, data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="constant_with_warmup"):
+        parse(args(tiny_flux_dir, data_dir, tmp_path, "--lr_warmup_steps", "10"))
+    with pytest.raises(ConfigError, match="sample_prompts.*does not exist"):
+        parse(args(tiny_flux_dir, data_dir, tmp_path, "--sample_every_n_steps", "5",
+                   "--sample_prompts", str(tmp_path / "nope.txt")))
+    bad = tmp_path / "p.txt"
+    bad.write_text("a cat --w 1000\n")
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        parse(args(tiny_flux_dir, data_dir, tmp_path, "--sample_every_n_steps", "5", "--sample_prompts", str(bad)))
+    with pytest.raises(ConfigError, match="choose one of auto, no, bf16"):
+        parse(args(tiny_flux_dir, data_dir, tmp_path, "--mixed_precision", "fp16"))
+
+
+def test_files_record_the_settings_to_generate_with():
+    """A stock-RoPE run (the 2K recipe) is generated with URAE's 2K+ settings; a changed runtime is kept."""
+    from urae.runtime import HighResSettings
+    from urae.trainer import inference_settings
+
+    stock = HighResSettings()
+    assert inference_settings({"resolution": "2048"}, stock) == HighResSettings(10.0, True)
+    assert inference_settings({"resolution": "1024"}, stock) == stock
+    four_k = HighResSettings(10.0, True)
+    assert inference_settings({"resolution": "4096"}, four_k) is four_k

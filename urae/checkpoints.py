@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
+from urae.io import atomic_path
+
 STATE_RE = re.compile(r"^state-(\d{7})$")
 RUN_MARKER = "train_config.toml"
+TMP_PREFIX = ".state-tmp-"
 
 
 def state_dir(output_dir: Path, step: int) -> Path:
@@ -41,29 +44,65 @@ def list_states(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def save_state(output_dir: Path, step: int, network, optimizer, scheduler, extra: dict,
                adapter_metadata: dict) -> Path:
     final = state_dir(output_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=".state-tmp-", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output_dir))
+    old = None
     try:
         network.save_weights(str(tmp / "adapter.safetensors"), None, adapter_metadata)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "train_state.json").write_text(json.dumps({"step": step, **extra}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # moved aside, not deleted, until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output_dir))
+            os.replace(final, old / final.name)
         os.replace(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for p in (tmp, old):
+            if p is not None and p.exists():
+                shutil.rmtree(p, ignore_errors=True)
     return final
 
 
-def load_state(path: Path, network, optimizer, scheduler) -> dict:
-    path = Path(path)
-    if not (path / "train_state.json").is_file():
+def _check_complete(path: Path) -> None:
+    if not (Path(path) / "train_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete training state (no train_state.json)")
-    network.load_weights(str(path / "adapter.safetensors"))
+
+
+def load_adapter_state(path: Path, network) -> None:
+    """The adapter first: its saved factors and frozen copies spare the network its SVD initialisation."""
+    _check_complete(path)
+    network.load_weights(str(Path(path) / "adapter.safetensors"))
+
+
+def load_optimizer_state(path: Path, optimizer, scheduler) -> dict:
+    _check_complete(path)
+    path = Path(path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "train_state.json").read_text())
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step` (written by a run that died before its next save)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(x + "\n" for x in keep))
+
+
+def remove_partial_saves(output_dir: Path) -> None:
+    """Temporary folders of a run killed mid-save: never complete states, safe to delete."""
+    for p in Path(output_dir).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def clear_run(output_dir: Path, output_name: str) -> None:
+    """--overwrite: remove the previous run's states, log and final file so nothing of it is resumed."""
+    for _, p in list_states(output_dir):
+        shutil.rmtree(p, ignore_errors=True)
+    remove_partial_saves(output_dir)
+    for name in ("train_log.jsonl", f"{output_name}.safetensors", RUN_MARKER):
+        (output_dir / name).unlink(missing_ok=True)
 
 
 def prune_states(output_dir: Path, step: int, keep_last_n_steps: int | None) -> None:

@@ -96,6 +96,8 @@ def build_requests(cfg) -> list:
             req.validate()
             out.append(req)
     if cfg["init_resolution"] is not None:
+        if init is not None:
+            raise ConfigError("give --init_resolution (generate a draft) or --init_image (refine this image), not both")
         check_resolution(cfg["init_resolution"], cfg["init_resolution"])
     return out
 
@@ -148,8 +150,11 @@ def run(cfg: dict) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=cfg["dtype"], device=None)
-    attach_adapters(pipe.transformer, cfg["lora"], scales, fuse=cfg["fuse_lora"])
+    networks = attach_adapters(pipe.transformer, cfg["lora"], scales, fuse=cfg["fuse_lora"])
     placement = place_pipeline(pipe, cfg["offload"], cfg["device"])
+    if not cfg["fuse_lora"]:  # attached adapters are not submodules of the transformer: move them along
+        for net in networks:
+            net.to(pipe._execution_device)
     two = cfg["init_resolution"] is not None and requests[0].init_image is None
     total = sum(steps_for(r, pipe.transformer, two) for r in requests)
     first = fill_defaults(requests[0], pipe.transformer)

@@ -58,7 +58,7 @@ def decode_to_image(pipe, tokens: torch.Tensor, width: int, height: int, split: 
     vae = pipe.vae
     z = unpack_latents(tokens, height // 8, width // 8)
     z = z / vae.config.scaling_factor + vae.config.shift_factor
-    pixels = decode(vae, z, split=split)
+    pixels = decode(vae, z, split=split, device=pipe._execution_device)
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
@@ -118,7 +118,9 @@ def two_stage(pipe, req: SampleRequest, init_resolution: int, settings: HighResS
     """SDEdit-style hi-res: draft at `init_resolution` (long side), upsample, refine at the target size."""
     req.validate()
     w, h = draft_size(req.width, req.height, init_resolution)
-    draft = generate(pipe, dataclasses.replace(req, width=w, height=h, init_image=None),
-                     draft_settings or HighResSettings.for_resolution(w, h), on_step=on_step)
+    if draft_settings is None:  # the draft's size decides NTK/attention; the timestep schedule is the user's
+        draft_settings = HighResSettings.for_resolution(w, h, shift=settings.shift, dynamic_shift=settings.dynamic_shift)
+    draft = generate(pipe, dataclasses.replace(req, width=w, height=h, init_image=None), draft_settings,
+                     on_step=on_step)
     refine = dataclasses.replace(req, init_image=draft.resize((req.width, req.height), Image.LANCZOS))
     return generate(pipe, refine, settings, on_step=on_step, split_vae=split_vae)

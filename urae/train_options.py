@@ -55,7 +55,8 @@ OPTIONS = [
     Option("lr_scheduler", str, "constant", "LR schedule", choices=SCHEDULERS),
     Option("lr_warmup_steps", int, 0, "warm-up steps"),
     Option("max_grad_norm", float, 1.0, "gradient clipping (0 = off)"),
-    Option("mixed_precision", str, "auto", "bf16 on GPU, fp32 on CPU by default", choices=("auto", "no", "bf16", "fp16")),
+    # no fp16: T5-XXL overflows in fp16 and FLUX is trained in bf16
+    Option("mixed_precision", str, "auto", "bf16 on GPU, fp32 on CPU by default", choices=("auto", "no", "bf16")),
     Option("gradient_checkpointing", bool, True, "recompute activations in backward (needed at 2K/4K)"),
     Option("seed", int, 0, "seed for everything random"),
     # outputs
@@ -95,6 +96,25 @@ def check(cfg: dict) -> None:
         raise ConfigError("no training data: set train_data_dir (a folder) or dataset_config (an sd-scripts TOML)")
     if (cfg["sample_every_n_steps"] or cfg["sample_at_first"]) and not cfg["sample_prompts"]:
         raise ConfigError("sample_every_n_steps/sample_at_first need sample_prompts (a prompts file)")
+    if cfg["lr_warmup_steps"] and cfg["lr_scheduler"] == "constant":
+        raise ConfigError(f"lr_warmup_steps = {cfg['lr_warmup_steps']} has no effect with lr_scheduler = constant; "
+                          f"use constant_with_warmup (or cosine)")
+    if cfg["sample_prompts"] and (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
+        check_sample_prompts(cfg)
+
+
+def check_sample_prompts(cfg: dict) -> None:
+    """Read and size-check the sample prompts now, not hours later at the first sampling step."""
+    from urae.data.options import parse_resolution
+    from urae.prompts import read_prompts
+    from urae.runtime import check_resolution
+
+    try:
+        w, h = parse_resolution(cfg["sample_resolution"] or cfg["resolution"])
+        for rec in read_prompts(cfg["sample_prompts"]):
+            check_resolution(rec.get("width", w), rec.get("height", h))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"sample_prompts: {e}") from e
 
 
 def network_kwargs(cfg: dict) -> dict:

@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,11 +24,16 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     check_output_dir,
+    clear_run,
     list_states,
-    load_state,
+    load_adapter_state,
+    load_optimizer_state,
     prune_states,
+    remove_partial_saves,
     resolve_resume,
     save_state,
+    state_dir,
+    truncate_log,
 )
 from urae.config import ConfigError, format_table, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
@@ -100,28 +106,39 @@ def _any_rank(flag: bool, device, world: int) -> bool:
 
 
 class _InterruptFlag:
-    """Ctrl-C asks for a clean stop at the end of the current step (a second Ctrl-C stops at once)."""
+    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 0.
+
+    Signals within a few seconds of the first count as the same request (under `accelerate launch` each
+    worker gets the terminal's SIGINT and then the launcher's forwarded copy); a later one aborts at once.
+    """
+
+    GRACE_SECONDS = 5.0
 
     def __init__(self):
         self.set = False
-        self._old = None
+        self._first = 0.0
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        now = time.monotonic()
+        if self.set and now - self._first > self.GRACE_SECONDS:
+            raise KeyboardInterrupt
+        if not self.set:
+            self.set, self._first = True, now
+            print(f"\n{signal.Signals(signum).name}: saving a state at the end of this step "
+                  f"(signal again after {self.GRACE_SECONDS:.0f} s to abort)", flush=True)
 
     def __enter__(self):
-        def handler(signum, frame):
-            if self.set:
-                raise KeyboardInterrupt
-            self.set = True
-            print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to abort)", flush=True)
-
-        try:
-            self._old = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _mixed_precision(cfg) -> str:
@@ -152,12 +169,12 @@ def _t5_default(pipe) -> int:
 
 
 def _sample_size(cfg) -> tuple[int, int]:
-    from urae.data.options import parse_resolution
-
-    return parse_resolution(cfg["sample_resolution"] or cfg["resolution"])
+    return _parse_size(cfg["sample_resolution"] or cfg["resolution"])
 
 
-def make_samples(cfg, pipe_parts, prompts, step: int, out_dir: Path, network, settings, device) -> list[Path]:
+def make_samples(cfg, pipe_parts, prompts, step: int, out_dir: Path, network, settings, device, rank: int = 0,
+                 world: int = 1) -> list[Path]:
+    """This rank's share of the sample prompts (prompt k of the file is `prompts[k // world]` on rank k % world)."""
     from diffusers import FluxPipeline
 
     from urae.outputs import save_png
@@ -171,7 +188,8 @@ def make_samples(cfg, pipe_parts, prompts, step: int, out_dir: Path, network, se
     network.eval()
     paths = []
     try:
-        for i, rec in enumerate(prompts):
+        for j, rec in enumerate(prompts):
+            i = j * world + rank
             req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
                                 steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"))
             t5, pooled = rec["embeds"]
@@ -185,9 +203,26 @@ def make_samples(cfg, pipe_parts, prompts, step: int, out_dir: Path, network, se
     return paths
 
 
+def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
+    """What a file should be generated with: the training runtime when it was changed (the 4K recipe), else
+    URAE's defaults at the trained size (the 2K recipe trains with stock RoPE but generates with NTK 10 and
+    proportional attention, as the public URAE inference does)."""
+    if training.ntk_factor != 1 or training.proportional_attention:
+        return training
+    w, h = _parse_size(cfg["resolution"])
+    return HighResSettings.for_resolution(w, h)
+
+
+def _parse_size(value) -> tuple[int, int]:
+    from urae.data.options import parse_resolution
+
+    return parse_resolution(value)
+
+
 def _adapter_metadata(cfg, step: int) -> dict:
     recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "base_lora", "resolution",
                                   "real_prompt_ratio", "timestep_sampling", "optimizer_type", "learning_rate",
+                                  "ntk_factor", "proportional_attention",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
     return {
         "ss_steps": str(step),
@@ -206,7 +241,7 @@ def _adapter_metadata(cfg, step: int) -> dict:
 
 def train(cfg: dict) -> int:
     """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
     from tqdm.auto import tqdm
 
     from urae.data import DataOptions, build_caches, make_dataloader
@@ -214,8 +249,6 @@ def train(cfg: dict) -> int:
     from urae.optim import make_optimizer, make_scheduler
 
     out_dir = Path(cfg["output_dir"])
-    resume_path = resolve_resume(out_dir, cfg["resume"])
-    check_output_dir(out_dir, resume_path is not None, cfg["overwrite"], cfg["output_name"])
     mp = _mixed_precision(cfg)
     if cfg["guidance_scale"] != 1.0:
         log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
@@ -227,8 +260,10 @@ def train(cfg: dict) -> int:
         except ImportError:
             print("warning: log_with = tensorboard, but tensorboard is not installed; logging to JSONL only")
             tb = False
+    # Long single-rank phases (4K samples, uneven cache shares) outlast NCCL's default 10-minute watchdog.
     accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard" if tb else None,
-                              project_dir=cfg["logging_dir"] or str(out_dir / "logs"))
+                              project_dir=cfg["logging_dir"] or str(out_dir / "logs"),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))])
     rank, world, device, main = (accelerator.process_index, accelerator.num_processes, accelerator.device,
                                  accelerator.is_main_process)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != world:
@@ -236,11 +271,16 @@ def train(cfg: dict) -> int:
         raise ConfigError(f"{torch.distributed.get_world_size()} processes were launched but accelerate sees "
                           f"{world}; on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
                           f"accelerate launch --multi_gpu --num_processes N …")
+    # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
+    resume_path = resolve_resume(out_dir, cfg["resume"])
+    check_output_dir(out_dir, cfg["resume"] is not None, cfg["overwrite"], cfg["output_name"])
+    accelerator.wait_for_everyone()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print("training config:\n" + format_table(cfg), flush=True)
-        with atomic_path(out_dir / RUN_MARKER) as tmp:
-            tmp.write_text(to_toml(cfg))
+        if cfg["overwrite"] and resume_path is None:
+            clear_run(out_dir, cfg["output_name"])
+        remove_partial_saves(out_dir)
         if cfg["demo"]:
             from urae.demo import ensure_demo_assets
 
@@ -261,7 +301,10 @@ def train(cfg: dict) -> int:
         if main:
             print(f"caches ready: {len(plan.entries)} image(s); run again without --cache_only to train")
         return 0
-    prompts = _encode_sample_prompts(cfg, pipe, device) if main else []
+    if main:
+        with atomic_path(out_dir / RUN_MARKER) as tmp:
+            tmp.write_text(to_toml(cfg))
+    prompts = _encode_sample_prompts(cfg, pipe, device)  # every rank samples its share of them
     transformer, vae, scheduler = pipe.transformer, pipe.vae.to("cpu"), pipe.scheduler
     del pipe
     gc.collect()
@@ -275,14 +318,13 @@ def train(cfg: dict) -> int:
     settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
     module = importlib.import_module(cfg["network_module"])
     kwargs = network_kwargs(cfg)
-    kwargs.setdefault("runtime", json.dumps(settings.to_dict()))
+    kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
     network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer, **kwargs)
     network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
-    network.prepare_grad_etc(None, transformer)  # minor/major SVD, shared across ranks
+    if resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
+        load_adapter_state(resume_path, network)
+    network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
-    for p in network.parameters():  # trainable factors stay fp32 whatever the model dtype
-        if p.requires_grad:
-            p.data = p.data.float()
     params = network.prepare_optimizer_params(None, cfg["learning_rate"], cfg["learning_rate"])
     if isinstance(params, tuple):
         params = params[0]
@@ -292,9 +334,10 @@ def train(cfg: dict) -> int:
 
     start = 0
     if resume_path is not None:
-        state = load_state(resume_path, network, optimizer, lr_sched)
+        state = load_optimizer_state(resume_path, optimizer, lr_sched)
         start = int(state["step"])
         if main:
+            truncate_log(out_dir / "train_log.jsonl", start)
             print(f"resumed from {resume_path} at step {start}")
     elif cfg["resume"] == "auto" and main:
         print(f"resume auto: no saved state in {out_dir}; starting at step 0")
@@ -313,7 +356,6 @@ def train(cfg: dict) -> int:
     if tb:
         accelerator.init_trackers("urae", config={k: v for k, v in cfg.items()
                                                   if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
-    meta = _adapter_metadata
     log_path = out_dir / "train_log.jsonl"
     parts = (transformer, vae, scheduler)
     network.train()
@@ -324,15 +366,18 @@ def train(cfg: dict) -> int:
     with contextlib.ExitStack() as stack:
         stack.enter_context(apply_highres(transformer, settings))
         interrupt = stack.enter_context(_InterruptFlag())
-        if main and cfg["sample_at_first"] and prompts and start == 0:
-            make_samples(cfg, parts, prompts, 0, out_dir, network, settings, device)
+        if cfg["sample_at_first"] and prompts and start == 0:
+            make_samples(cfg, parts, prompts[rank::world], 0, out_dir, network, settings, device, rank, world)
+            accelerator.wait_for_everyone()
         for step in range(start, cfg["max_train_steps"]):
             if _any_rank(interrupt.set, device, world):
                 if main:
                     path = save_state(out_dir, step, network, optimizer, lr_sched, {"seed": cfg["seed"]},
-                                      meta(cfg, step))
+                                      _adapter_metadata(cfg, step))
                     print(f"stopped at step {step}; state saved to {path}\nresume with the same command plus "
                           f"--resume auto")
+                if tb:
+                    accelerator.end_training()
                 return 0
             t0 = time.perf_counter()
             network.on_step_start(None, transformer)
@@ -351,8 +396,10 @@ def train(cfg: dict) -> int:
                                      t.to(device), noise, guidance=cfg["guidance_scale"])
                 (loss / accum).backward()
                 total += loss.detach().float().item() / accum
-            grads = [p.grad for p in trainable if p.grad is not None]
-            _all_reduce_mean(grads, world)
+            for p in trainable:  # a module skipped by module_dropout on this rank still joins the reduce
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _all_reduce_mean([p.grad for p in trainable], world)
             loss_t = torch.tensor([total], device=device)
             if world > 1:
                 torch.distributed.all_reduce(loss_t)
@@ -380,13 +427,14 @@ def train(cfg: dict) -> int:
                     accelerator.log({"loss": loss_v, "lr": lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
                 if main:
-                    last_saved = save_state(out_dir, done, network, optimizer, lr_sched, {"seed": cfg["seed"]},
-                                            meta(cfg, done))
+                    save_state(out_dir, done, network, optimizer, lr_sched, {"seed": cfg["seed"]},
+                               _adapter_metadata(cfg, done))
                     prune_states(out_dir, done, cfg["save_last_n_steps"])
+                last_saved = state_dir(out_dir, done)
                 accelerator.wait_for_everyone()
-            if main and prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
-                make_samples(cfg, parts, prompts, done, out_dir, network, settings, device)
-            accelerator.wait_for_everyone()
+            if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
+                make_samples(cfg, parts, prompts[rank::world], done, out_dir, network, settings, device, rank, world)
+                accelerator.wait_for_everyone()
         bar.close()
         if not _ranks_agree(trainable, device, world):
             raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
@@ -396,14 +444,15 @@ def train(cfg: dict) -> int:
                 print(f"adapter identical on all {world} processes")
             final = out_dir / f"{cfg['output_name']}.safetensors"
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["save_precision"], torch.float32)
-            network.save_weights(str(final), dtype, meta(cfg, cfg["max_train_steps"]))
+            network.save_weights(str(final), dtype, _adapter_metadata(cfg, cfg["max_train_steps"]))
             if cfg["save_every_n_steps"]:
                 save_state(out_dir, cfg["max_train_steps"], network, optimizer, lr_sched, {"seed": cfg["seed"]},
-                           meta(cfg, cfg["max_train_steps"]))
+                           _adapter_metadata(cfg, cfg["max_train_steps"]))
                 prune_states(out_dir, cfg["max_train_steps"], cfg["save_last_n_steps"])
-            if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
-                make_samples(cfg, parts, prompts, cfg["max_train_steps"], out_dir, network, settings, device)
             print(f"saved {final} ({len(list_states(out_dir))} state(s) kept)")
+        if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
+            make_samples(cfg, parts, prompts[rank::world], cfg["max_train_steps"], out_dir, network, settings, device,
+                         rank, world)
     if tb:
         accelerator.end_training()
     accelerator.wait_for_everyone()

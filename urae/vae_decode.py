@@ -79,16 +79,34 @@ class _SplitDecoder(_SplitEncoder):
 
 @torch.no_grad()
 def decode(vae, z: torch.Tensor, split: bool | None = None, chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
-           threshold: int = SPLIT_DECODE_PIXELS) -> torch.Tensor:
+           threshold: int = SPLIT_DECODE_PIXELS, device: torch.device | str | None = None) -> torch.Tensor:
     """Pixels [B, 3, 8h, 8w] in [-1, 1] from raw VAE latents [B, C, h, w] (after FLUX's unscale/unshift).
 
     split: None = automatically above `threshold` output pixels; True forces the split path.
+    device: where to decode (the pipeline's execution device); a VAE parked elsewhere by model offload is
+    moved there for the decode and back after.
     """
     param = next(vae.parameters())
+    out_px = z.shape[-2] * z.shape[-1] * 64
+    if param.device.type == "meta":
+        # sequential offload: weights live in hooks that only the modules' own forwards trigger, so the
+        # split path (which reads conv weights directly) cannot run; diffusers' tiling bounds the memory
+        before = vae.use_tiling
+        vae.use_tiling = before or split is True or (split is None and out_px > threshold)
+        try:
+            return vae.decode(z.to(device or "cpu"), return_dict=False)[0]
+        finally:
+            vae.use_tiling = before
+    device = torch.device(device) if device is not None else param.device
+    if param.device != device:
+        vae.to(device)
+        try:
+            return decode(vae, z, split, chunk_pixels, threshold, device)
+        finally:
+            vae.to(param.device)
     z = z.to(device=param.device, dtype=param.dtype)
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    out_px = z.shape[-2] * z.shape[-1] * 64
     if split is False or (split is None and out_px <= threshold):
         return vae.decoder(z)
     store = torch.device("cpu") if param.device.type != "cpu" else param.device
