@@ -16,8 +16,8 @@ Official URAE 4K format (read from the public URAE code: its 4K inference script
 `FluxAttnAdaptationProcessor2_0` processors it installs):
   * keys `transformer_blocks.N.attn.processor.to_{q,k,v,out}_{a,b}.weight` and
     `single_transformer_blocks.N.attn.processor.to_{q,k,v}_{a,b}.weight` (no `to_out` in single
-    blocks), `_a` = down [r, in], `_b` = up [out, r], r = 16, no alpha: the processor adds
-    `to_q_b(to_q_a(x))` at scale 1;
+    blocks), `_a` = down [r, in], `_b` = up [out, r], r = 16, no alpha: the processor's __call__
+    computes `attn.to_q(x) + to_q_b(to_q_a(x))` (likewise k, v and to_out.0), i.e. scale 1;
   * the base is FLUX.1-dev with the 2K LoRA fused in (`load_lora_weights` + `fuse_lora`); per layer
     a full SVD W = U S Vh, the base weight is replaced by W_res = U[:, :-r] S Vh[:-r] and the
     processor starts at to_q_b = U[:, -r:] sqrt(S), to_q_a = sqrt(S) Vh[-r:], i.e. the minor part;
@@ -236,7 +236,7 @@ def _official_modules(sd: dict, source: str) -> dict[str, dict]:
 
 
 def import_official(sd: dict, base, base_lora=None, include_base_lora: bool = True, source: str = "URAE file",
-                    progress: bool = True) -> tuple[dict, dict]:
+                    progress: bool = True, svd_device=None) -> tuple[dict, dict]:
     """(PEFT-form tensors, metadata) of the standard LoRA equal to an official URAE 4K adapter on `base`."""
     from networks.merge_lora import Checkpoint, progress_bar
 
@@ -265,8 +265,8 @@ def import_official(sd: dict, base, base_lora=None, include_base_lora: bool = Tr
             w = ck.diffusers_weight(name).double()
             for down, up in base_parts.get(name, []):
                 w += up.double() @ down.double()
-            up0, down0, _ = svd_components(w, r, "minor")
-            downs, ups = [g["a"].float(), down0.float()], [g["b"].float(), -up0.float()]
+            up0, down0, _ = svd_components(w, r, "minor", device=svd_device)
+            downs, ups = [g["a"].float(), down0.float().cpu()], [g["b"].float(), -up0.float().cpu()]
             if include_base_lora:
                 downs += [d for d, _ in base_parts.get(name, [])]
                 ups += [u for _, u in base_parts.get(name, [])]
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", help="with --from-urae-official: FLUX.1 diffusers folder or single-file transformer")
     ap.add_argument("--base-lora", help="with --from-urae-official: the 2K LoRA the 4K adapter was trained on")
     ap.add_argument("--exclude-base-lora", action="store_true", help="leave the 2K LoRA out of the output")
+    ap.add_argument("--svd-device", help="with --from-urae-official: device for the SVDs, e.g. cuda (default cpu)")
     ap.add_argument("--skip-text-encoder", action="store_true", help="drop kohya text-encoder modules for --to peft")
     ap.add_argument("--save_dtype", "--save-dtype", choices=("fp32", "fp16", "bf16"), help="dtype of the factors")
     a = ap.parse_args(argv)
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.input}: official URAE adapter, {len(mods)} modules, rank "
                   f"{sorted({g['a'].shape[0] for g in mods.values()})}; base {a.base}"
                   + (f" + {a.base_lora}" if a.base_lora else "") + f" -> {a.output} ({a.to or 'peft'})")
-            out, meta = import_official(sd, a.base, a.base_lora, not a.exclude_base_lora, a.input)
+            out, meta = import_official(sd, a.base, a.base_lora, not a.exclude_base_lora, a.input,
+                                        svd_device=a.svd_device)
             if a.to == "kohya":
                 out, meta = to_kohya(out, meta, a.input, dtype)
             elif dtype is not None:

@@ -79,6 +79,7 @@ class Checkpoint:
     def __init__(self, path):
         self.path = Path(os.fspath(path)).expanduser()
         self.root = self.weights_dir = None
+        self.other_weights: list[Path] = []
         if self.path.is_dir():
             self.root = self.path
             tdir = self.path / "transformer" if (self.path / "model_index.json").is_file() else self.path
