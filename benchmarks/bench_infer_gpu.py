@@ -5,8 +5,9 @@ first, so the 24 GB of weights never pass through host memory) and the real-size
 generates one image per row through urae.sampling.generate (the inference entry point's code path)
 with random T5 (512 x 4096) and pooled CLIP (768) embeddings in place of the text encoders: 28 steps,
 one transformer pass per step with the guidance embedding (3.5), static shift, URAE runtime through
-urae.runtime.apply_highres, VAE decode tiled above 2048² as in inference. Each size runs with and
-without proportional attention; the VAE decode alone at 4096² runs tiled and untiled (OOM is caught).
+urae.runtime.apply_highres, VAE decode split into row chunks above 2048² as in inference. Each size runs
+with and without proportional attention; the VAE decode alone at 4096² runs split (ours, exact), tiled
+(diffusers' approximate tiles) and untiled (OOM is caught).
 Time and memory do not depend on weight values.
 
 Without CUDA the same script runs the tiny configuration (urae.tiny) on the CPU as a smoke check.
@@ -160,7 +161,10 @@ def build_vae(tiny: bool, dev: Device):
 
 @torch.no_grad()
 def bench_vae(vae, size: int, dev: Device) -> list[dict]:
-    """Decode one size² image from random latents, tiled then untiled; an OOM is a result, not a failure."""
+    """Decode one size² image from random latents: split (what inference uses), diffusers-tiled, whole.
+
+    An OOM is a result, not a failure."""
+    from urae.vae_decode import decode
     lat = size // 8
     if vae.config.sample_size < FLUX_VAE["sample_size"]:
         # The tiny VAE's 64-pixel tiles would make thousands of tiles; keep the real run's geometry instead
@@ -171,15 +175,15 @@ def bench_vae(vae, size: int, dev: Device) -> list[dict]:
     vae.use_tiling = False
     vae.decode(z[..., :32, :32], return_dict=False)  # warm-up: kernel selection must not count against the first mode
     rows = []
-    for tiled in (True, False):
-        vae.use_tiling = tiled
+    for mode in ("split", "tiled", "untiled"):
+        vae.use_tiling = mode == "tiled"
         dev.free()
         dev.reset_peak()
-        row = {"size": size, "tiled": tiled}
+        row = {"size": size, "mode": mode}
         try:
             dev.sync()
             t0 = time.perf_counter()
-            out = vae.decode(z, return_dict=False)[0]
+            out = decode(vae, z, split=True) if mode == "split" else vae.decode(z, return_dict=False)[0]
             dev.sync()
             row.update(seconds=time.perf_counter() - t0, peak_gib=dev.peak_gib(), status="ok",
                        shape=list(out.shape))
@@ -315,7 +319,7 @@ def main(argv=None) -> int:
         results["vae"] = bench_vae(vae, vae_size, dev)
         save()
         for r in results["vae"]:
-            print(f"  VAE decode {vae_size}x{vae_size} {'tiled' if r['tiled'] else 'untiled'}: {r['status']}, "
+            print(f"  VAE decode {vae_size}x{vae_size} {r['mode']}: {r['status']}, "
                   f"{_fmt(r['seconds'], '.2f')} s, peak {_fmt(r['peak_gib'], '.2f', 'n/a')} GiB", flush=True)
 
     t0 = time.perf_counter()
@@ -337,7 +341,7 @@ def main(argv=None) -> int:
     warm = run_image(pipe, cfg, sizes[0], 2, False, embeds, dev)
     rate = warm["tflops"] * 1e12 if warm["status"] == "ok" else None
     decode_per_px = None
-    ok_vae = [r for r in results["vae"] if r["status"] == "ok" and r["tiled"]]
+    ok_vae = [r for r in results["vae"] if r["status"] == "ok" and r["mode"] == "split"]
     if ok_vae:
         decode_per_px = ok_vae[0]["seconds"] / ok_vae[0]["size"] ** 2
 
@@ -364,7 +368,7 @@ def main(argv=None) -> int:
                   + (f"{row['seconds']:.2f} s/image" if row["status"] == "ok" else row["status"]), flush=True)
 
     print(f"\nper image: {steps} steps, guidance 3.5 (one pass per step), T5 length {T5_LENGTH}, batch 1, "
-          f"{str(dev.dtype).removeprefix('torch.')}, VAE decode tiled above 2048x2048; decode s = after the last step "
+          f"{str(dev.dtype).removeprefix('torch.')}, VAE decode split above 2048x2048; decode s = after the last step "
           "(VAE decode + conversion to PIL); peak = max GPU memory allocated (denoise: up to the last step)")
     print(f"{'size':>10} {'prop.':>5} {'ntk':>4} {'s/image':>9} {'denoise s':>10} {'s/step':>8} {'decode s':>9} "
           f"{'peak GiB':>9} {'(denoise)':>9} {'TFLOP/s':>8} {'PFLOP/step':>10}")
@@ -385,7 +389,7 @@ def main(argv=None) -> int:
               "the transformer was built (peak = the VAE's own)")
         print(f"{'mode':>8} {'seconds':>8} {'peak GiB':>9}  status")
         for r in results["vae"]:
-            print(f"{'tiled' if r['tiled'] else 'untiled':>8} {_fmt(r['seconds'], '8.2f', '       -')} "
+            print(f"{r['mode']:>8} {_fmt(r['seconds'], '8.2f', '       -')} "
                   f"{_fmt(r['peak_gib'], '9.2f', '      n/a')}  {r['status']}")
 
     best = [r for r in results["images"] if r["status"] == "ok" and r["size"] == 4096 and r["proportional_attention"]]
