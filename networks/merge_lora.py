@@ -33,7 +33,7 @@ import torch
 from networks.inspect_lora import FINAL_BFL, FINAL_DIFFUSERS
 from networks.minor_lora import TargetMap, bfl_equivalents, bfl_row_sizes, detect_layout
 from urae.flux_keys import BFL_PREFIXES, linear_pairs
-from urae.io import atomic_path
+from urae.io import atomic_path, set_default_mode
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -306,6 +306,7 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
                     write_safetensors_streaming(tmp / rel / f.name, _entries(ck, f, save_dtype), produce,
                                                 ck.metadata[f])
                 _fix_index(tmp / rel, save_dtype)
+                set_default_mode(tmp)
                 tmp.rename(out)
             finally:
                 if tmp.exists():

@@ -1249,6 +1249,9 @@ def _save_atomic(tensors: dict, path: str, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; other programs (ComfyUI, …) must read the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

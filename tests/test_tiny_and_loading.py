@@ -138,3 +138,12 @@ def test_tiny_cli_writes_folder_and_bfl_file(tmp_path):
           str(tmp_path / "m.safetensors")])
     t = load_transformer(str(tmp_path / "m"), str(tmp_path / "m.safetensors"))
     assert t.config.num_layers == 1 and t.config.num_single_layers == 1
+
+
+def test_outputs_get_the_default_mode_not_tempfiles_0600(tmp_path):
+    import os
+
+    from urae.io import _UMASK
+
+    f = save_safetensors_atomic({"a": torch.ones(1)}, tmp_path / "x.safetensors")
+    assert os.stat(f).st_mode & 0o777 == 0o666 & ~_UMASK

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from urae.io import atomic_path
+from urae.io import atomic_path, set_default_mode
 
 STATE_RE = re.compile(r"^state-(\d{7})$")
 RUN_MARKER = "train_config.toml"
@@ -51,6 +51,7 @@ def save_state(output_dir: Path, step: int, network, optimizer, scheduler, extra
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "train_state.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+        set_default_mode(tmp)
         if final.exists():  # moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output_dir))
             os.replace(final, old / final.name)

@@ -9,6 +9,15 @@ from pathlib import Path
 
 import torch
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give a temp file (0600) or temp folder (0700) the mode a plain open()/mkdir() would, before renaming
+    it into place: outputs must be readable by the other programs (ComfyUI, a web UI) that load them."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -19,6 +28,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

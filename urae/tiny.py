@@ -213,6 +213,8 @@ def build_pipeline(layers: int = 2, single_layers: int = 2, seed: int = 0, schne
 def write_tiny_pipeline(out_dir: str | os.PathLike, layers: int = 2, single_layers: int = 2, seed: int = 0,
                         schnell: bool = False) -> Path:
     """Write a complete FLUX.1 diffusers folder; `FluxPipeline.from_pretrained(out_dir)` loads it offline."""
+    from urae.io import set_default_mode
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(layers, single_layers, seed, schnell)
@@ -221,6 +223,7 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, layers: int = 2, single_laye
     pipe.save_pretrained(tmp, safe_serialization=True)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new folder")
+    set_default_mode(tmp)
     tmp.rename(out)
     return out
 
