@@ -121,7 +121,7 @@ def _corrupt(path):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt",
-                                  "two_inits"])
+                                  "two_inits", "official_4k"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trained_lora, tmp_path, capsys):
     extra = ["--prompt", "x", "--width", "64", "--height", "64"]
     if case == "missing":
@@ -148,6 +148,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
         f.write_text("\n# nothing\n")
         extra = ["--prompts_file", str(f)]
         want = "no prompts"
+    elif case == "official_4k":
+        from safetensors.torch import save_file
+
+        official = tmp_path / "urae_4k_adapter.safetensors"
+        save_file({"transformer_blocks.0.attn.processor.to_q_a.weight": torch.zeros(4, 32),
+                   "transformer_blocks.0.attn.processor.to_q_b.weight": torch.zeros(32, 4)}, str(official))
+        extra += ["--lora", str(official)]
+        want = "--from-urae-official"
     elif case == "two_inits":
         init = tmp_path / "init.png"
         Image.new("RGB", (64, 64)).save(init)
