@@ -216,6 +216,16 @@ def svd_components(weight: torch.Tensor, rank: int, which: str = "minor", device
     return u * root[None, :], root[:, None] * vh, sigma
 
 
+def _default_svd_device(w: torch.Tensor):
+    """The weight's own device, except a CPU weight on a machine with a GPU: sd-scripts asks for the
+    optimizer parameters (and so the SVD) while FLUX is still on the CPU, where 190 layers take minutes."""
+    if w.device.type == "cuda":
+        return w.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _tensor_digest(h, t: torch.Tensor) -> None:
     t = t.detach().to("cpu").contiguous()
     h.update(f"{tuple(t.shape)}{t.dtype}".encode())
@@ -501,8 +511,9 @@ class MinorLoRAModule(nn.Module):
                 raise RuntimeError(f"{self.lora_name}: adapter used before its SVD initialisation")
             net().initialize()
         train_on = not (self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout)
-        dtype = self.lora_down[0].dtype
-        xin = x.to(dtype)
+        # under autocast F.linear casts by itself; an explicit fp32 copy would be saved for backward on top
+        # of x (1.2 GB per adapted layer at 4096²)
+        xin = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_down[0].dtype)
         downs, ups, segs = [], [], []
         rank_drop = self.training and bool(self.rank_dropout)
         for i, s in enumerate(self.slices):
@@ -591,13 +602,14 @@ class MinorLoRAModule(nn.Module):
             if bd.shape[0]:
                 cols.append(("base", bd.float(), bu.float(), 1.0))
             for kind, d, u, scale in cols:
-                full = torch.zeros(self.out_features, d.shape[0])
+                full = torch.zeros(self.out_features, d.shape[0], device=d.device)
                 full[s.start: s.stop] = u if scale == ref else u * (scale / ref)
                 downs.append(d)
                 ups.append(full)
                 self._segments.append([i, kind, d.shape[0], scale])
-        down = torch.cat(downs) if downs else torch.zeros(0, self.in_features)
-        up = torch.cat(ups, 1) if ups else torch.zeros(self.out_features, 0)
+        dev = self.lora_down[0].device
+        down = torch.cat(downs) if downs else torch.zeros(0, self.in_features, device=dev)
+        up = torch.cat(ups, 1) if ups else torch.zeros(self.out_features, 0, device=dev)
         return down, up, ref * down.shape[0]
 
     def load_factors(self, down: torch.Tensor, up: torch.Tensor, alpha: float, segments: list, source: str):
@@ -620,8 +632,9 @@ class MinorLoRAModule(nn.Module):
                     self._set(d0, d, source)
                     self._set(u0, -u, source)
                 else:
-                    setattr(self, f"base_down_{i}", d.to(self.lora_down[i].dtype).clone())
-                    setattr(self, f"base_up_{i}", u.to(self.lora_down[i].dtype).clone())
+                    like = self.lora_down[i]
+                    setattr(self, f"base_down_{i}", d.to(like.device, like.dtype).clone())
+                    setattr(self, f"base_up_{i}", u.to(like.device, like.dtype).clone())
         self.initialized = True
 
     def _set(self, dst: torch.Tensor, src: torch.Tensor, source: str):
@@ -872,7 +885,7 @@ class MinorLoRANetwork(nn.Module):
         for lo, i in bar:
             s = lo.slices[i]
             w = self._effective_weight(lo, i)
-            dev = self.svd_device or (w.device if w.device.type != "meta" else "cpu")
+            dev = self.svd_device or _default_svd_device(w)
             us, sv, _ = svd_components(w, s.rank, s.init, device=dev)
             # contiguous: broadcast sends raw storage, and these come out column-major from the matmuls
             results[f"{lo.lora_name}.{i}"] = (us.float().cpu().contiguous(), sv.float().cpu().contiguous())
@@ -1117,12 +1130,13 @@ class MinorLoRANetwork(nn.Module):
                 raise ValueError(f"{source}: modules not in this network: {missing[:8]}")
             for key, e in structure.items():
                 lo = by_name[e["lora_name"]]
-                want = [(s["rows"][0], s["rows"][1], s["rank"]) for s in e["slices"]]
-                have = [(s.start, s.stop, s.rank) for s in lo.slices]
+                want = [(s["rows"][0], s["rows"][1], s["rank"], float(s["alpha"]), s["init"]) for s in e["slices"]]
+                have = [(s.start, s.stop, s.rank, float(s.alpha), s.init) for s in lo.slices]
                 if want != have:
                     raise ValueError(
-                        f"{source}: {lo.lora_name} was saved with slices (rows, rank) {want}, "
-                        f"this network has {have}; create the network from the file instead"
+                        f"{source}: {lo.lora_name} was saved with slices (rows, rank, alpha, init) {want}, "
+                        f"this network has {have}; use the file's network_dim/network_alpha/init, or create the "
+                        f"network from the file (create_network_from_weights)"
                     )
                 g = groups.get(key)
                 if g is None:
