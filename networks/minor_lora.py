@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 NETWORK_MODULE = "networks.minor_lora"
 PREFIX_UNET = "lora_unet"
-PREFIX_TE = ("lora_te1", "lora_te2")
+PREFIX_TE = ("lora_te1", "lora_te3")  # CLIP-L, T5-XXL: sd-scripts' lora_flux and ComfyUI names
+LEGACY_PREFIX_T5 = "lora_te2"  # T5 in older sd-scripts FLUX LoRAs, still read
 PEFT_UNET = "transformer"
 PEFT_TE = ("text_encoder", "text_encoder_2")
 INITS = ("minor", "major", "plain")
@@ -321,6 +322,8 @@ class _TargetMap:
         for i, te in enumerate(te_shapes or []):
             for name, (out, _) in te.items():
                 self._add(f"te{i}:{name}", [(f"te{i}:{name}", 0, out, 0, out)], PREFIX_TE[i], PEFT_TE[i], path=name)
+                if i == 1:
+                    self.map.setdefault(_kohya_name(LEGACY_PREFIX_T5, name), [(f"te{i}:{name}", 0, out, 0, out)])
 
     def _add(self, name, parts, kohya_prefix, peft_prefix, path=None):
         path = path or name
@@ -338,7 +341,7 @@ class _TargetMap:
         for key, g in groups.items():
             parts = self.map.get(key)
             if parts is None:
-                if not key.startswith(PREFIX_TE) and not key.startswith(PEFT_TE):
+                if not key.startswith((*PREFIX_TE, LEGACY_PREFIX_T5)) and not key.startswith(PEFT_TE):
                     unmatched.append(key)
                 continue
             down, up = g["down"].float(), g["up"].float()

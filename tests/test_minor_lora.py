@@ -811,3 +811,24 @@ def test_autocast_keeps_no_fp32_copy_of_the_activation():
     inputs = [s for s in saved if s[1] == (5, 32)]
     assert not any(d == torch.float32 for d, _, _ in inputs), saved
     assert len({p for _, _, p in inputs}) == 1, "only x itself, no copy of it"
+
+
+def test_sd_scripts_t5_keys_lora_te3_are_recognised():
+    """sd-scripts' lora_flux names T5 modules lora_te3_* (older files: lora_te2_*); neither is 'another model'."""
+    model = tiny()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    lora = {
+        "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": torch.randn(2, 32, generator=g),
+        "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight": torch.randn(32, 2, generator=g),
+        "lora_unet_transformer_blocks_0_attn_to_q.alpha": torch.tensor(2.0),
+    }
+    for prefix in ("lora_te3", "lora_te2"):
+        lora[f"{prefix}_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.zeros(2, 32)
+        lora[f"{prefix}_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.zeros(32, 2)
+    merged = ml.add_lora_to_state_dict(sd, lora)
+    want = model.state_dict()["transformer_blocks.0.attn.to_q.weight"] + lora[
+        "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"] @ lora[
+        "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"]
+    assert torch.allclose(merged["transformer_blocks.0.attn.to_q.weight"], want, atol=1e-6)
+    assert ml.PREFIX_TE == ("lora_te1", "lora_te3")
