@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     options = DataOptions.from_dict(opts)
 
     # Without CUDA, cpu=True makes accelerate use gloo across the processes `accelerate launch` started.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # A rank may wait hours at the barrier for a slower one; NCCL's default watchdog gives up after 10 minutes.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=3))
     device = state.device
     dtype = _DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = FluxPipeline.from_pretrained(a.model, transformer=None, dtype=dtype)

@@ -20,6 +20,11 @@ class Ranks:
     def can_sync(self) -> bool:
         return self._state is not None or self.count == 1
 
+    @property
+    def synchronised(self) -> bool:
+        """Whether barrier() really waits for the others (an (index, count) pair does not)."""
+        return self.count == 1 or self._state is not None
+
     def barrier(self) -> None:
         if self._state is not None and self.count > 1:
             self._state.wait_for_everyone()

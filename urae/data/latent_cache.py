@@ -38,11 +38,12 @@ _CHECKED = ("format", "vae", "bucket", "crop_mode", "source", "dtype")
 
 
 def latent_path(item: ImageItem) -> Path:
-    """<cache_root>/latents/<relative path>_<ext>_<W>x<H>.safetensors (bucket in the name: one image may
-    be used at several resolutions by different subsets)."""
+    """<cache_root>/latents/<relative path>_<ext>_<W>x<H>[_rc].safetensors (bucket and crop mode in the name:
+    one image may be used at several resolutions, or centre- and random-cropped, by different subsets)."""
     rel = item.rel_path
     w, h = item.bucket
-    name = f"{rel.stem}_{rel.suffix.lstrip('.').lower()}_{w}x{h}.safetensors"
+    crop = "_rc" if item.subset.random_crop else ""
+    name = f"{rel.stem}_{rel.suffix.lstrip('.').lower()}_{w}x{h}{crop}.safetensors"
     return item.cache_root / "latents" / rel.parent / name
 
 

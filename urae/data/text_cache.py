@@ -49,7 +49,7 @@ def text_path(cache_root: Path, caption: str, identity: str) -> Path:
     return cache_root / "text" / key[:2] / f"{key}.safetensors"
 
 
-def check_text_file(path: Path, caption: str, identity: str) -> str | None:
+def check_text_file(path: Path, caption: str, identity: str, dtype: torch.dtype | None = None) -> str | None:
     if not path.is_file():
         return "missing"
     try:
@@ -60,6 +60,8 @@ def check_text_file(path: Path, caption: str, identity: str) -> str | None:
         return "corrupt"
     if meta.get("identity") != identity or meta.get("caption") != caption:
         return "stale"
+    if dtype is not None and meta.get("dtype", "") != str(dtype).removeprefix("torch."):
+        return "stale"  # asked for another storage dtype
     return None
 
 
@@ -92,7 +94,7 @@ def cache_texts(jobs: dict[Path, str], enc: TextEncoders, identity: str, ranks: 
     ranks = ranks or Ranks()
     unique = sorted(jobs.items())
     mine = ranks.share(unique)
-    todo = [(p, c) for p, c in mine if check_text_file(p, c, identity) is not None]
+    todo = [(p, c) for p, c in mine if check_text_file(p, c, identity, dtype) is not None]
     report = TextCacheReport(total=len(unique), reused=len(mine) - len(todo))
     if ranks.is_main:
         print(f"text cache: {len(unique)} distinct captions over {ranks.count} process(es); rank 0 share {len(mine)}: "
@@ -105,9 +107,16 @@ def cache_texts(jobs: dict[Path, str], enc: TextEncoders, identity: str, ranks: 
         for i, (path, caption) in enumerate(chunk):
             tensors = {k: v[i].to("cpu", dtype if dtype and v.is_floating_point() else v.dtype) for k, v in out.items()}
             save_safetensors_atomic(tensors, path, {"format": FORMAT, "identity": identity, "caption": caption,
-                                                    "t5_max_length": enc.t5_max_length})
+                                                    "t5_max_length": enc.t5_max_length,
+                                                    "dtype": str(tensors["t5"].dtype).removeprefix("torch.")})
         report.encoded += len(chunk)
         bar.update(len(chunk))
     bar.close()
     ranks.barrier()
+    # every rank checks the whole set after the barrier: ranks that listed different captions (files added
+    # during start-up) would otherwise fail much later in the loader
+    missing = [p for p, c in unique if check_text_file(p, c, identity) is not None] if ranks.synchronised else []
+    if missing:
+        raise RuntimeError(f"text cache incomplete after all ranks finished: {len(missing)} file(s), e.g. "
+                           f"{missing[0]}; did the dataset change while caching started? Run again.")
     return report
