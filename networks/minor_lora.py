@@ -557,11 +557,13 @@ class MinorLoRAModule(nn.Module):
             deltas[i] = F.linear(h[..., c0:c1], ui).to(y.dtype)
         if len(self._tiles) == 1:
             return y + deltas[0]
-        pieces = []
+        # Fused weights (qkv, linear1): add each slice's change in place. Rebuilding the output by concatenation
+        # would hold a second copy of it (linear1 at 4096²: 66K x 21504 values). A Linear's backward does not
+        # use its output, so autograd allows this; a base forward that did would raise, not go wrong.
         for a, b, i in self._tiles:
-            ya = y[..., a:b]
-            pieces.append(ya + deltas[i] if i is not None and i in deltas else ya)
-        return torch.cat(pieces, -1)
+            if i is not None and i in deltas:
+                y[..., a:b] += deltas[i]
+        return y
 
     def _drop(self, h, segs):
         """Neuron/rank dropout on the trained ranks, one mask shared by the trainable and frozen halves."""
