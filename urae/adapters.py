@@ -34,8 +34,8 @@ def check_adapter_file(path: str | os.PathLike) -> dict:
             f"{p} is in the official URAE 4K attention-processor format, which no LoRA loader applies as it is. "
             f"Convert it once (SVD of the base weights; add --svd-device cuda on a GPU):\n  python -m "
             f"networks.convert_lora {p} {p.with_name(p.stem + '_lora.safetensors')} --from-urae-official "
-            f"--base black-forest-labs/FLUX.1-dev --base-lora urae_2k_adapter.safetensors\nthen pass the new file "
-            f"to --lora (it holds the 2K and 4K changes together).")
+            f"--base PATH/TO/FLUX.1-dev --base-lora urae_2k_adapter.safetensors\n(--base: a local FLUX.1-dev folder "
+            f"or flux1-dev.safetensors), then pass the new file to --lora (it holds the 2K and 4K changes together).")
     if not any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")) for k in keys):
         raise AdapterError(f"{p} holds no LoRA weights (keys like {sorted(keys)[:2]}); expected a LoRA .safetensors")
     return meta
