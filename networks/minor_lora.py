@@ -814,6 +814,10 @@ class MinorLoRANetwork(nn.Module):
         """Store a LoRA's delta per targeted slice as frozen factors (the SVD then sees W + delta)."""
         sd, _ = (base, {}) if isinstance(base, dict) else _read_file(base)
         check_finite(sd, f"base_lora {base if not isinstance(base, dict) else ''}")
+        te_keys = [k for k in sd if k.startswith((*PREFIX_TE, LEGACY_PREFIX_T5, *PEFT_TE))]
+        if te_keys:
+            logger.warning(f"minor_lora: base_lora has {len(te_keys)} text-encoder tensors; only its transformer "
+                           f"part is stacked, so saved files will not contain them")
         by_name = {lo.lora_name: lo for lo in self.unet_loras}
         tmap = _TargetMap(self.unet_shapes)
         per_slice: dict[tuple[str, int], list] = {}
@@ -830,8 +834,10 @@ class MinorLoRANetwork(nn.Module):
                 per_slice.setdefault((lora.lora_name, i), []).append((down, part))
             if (up[~covered] != 0).any():
                 raise ValueError(
-                    f"base_lora changes rows of {m} {self.unet_shapes[m]} outside the targeted slices; "
-                    f"choose targets that include them (targets={self.targets!r})"
+                    f"base_lora changes rows of {m} {self.unet_shapes[m]} outside the targeted slices "
+                    f"(targets={self.targets!r}). A LoRA on more layers than URAE's (MLPs, text stream) cannot be "
+                    f"stacked exactly: merge it into the base weights first (sd-scripts --base_weights, or "
+                    f"python -m networks.merge_lora) and train on the merged model, or widen targets"
                 )
         for (name, i), items in per_slice.items():
             lora = by_name[name]
