@@ -71,3 +71,15 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[st
             return list(f.keys()), f.metadata() or {}
     except Exception as e:
         raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+
+
+def cached_file_meta(path: str | os.PathLike, keys: set[str]) -> tuple[str | None, dict[str, str]]:
+    """(problem, metadata) of a cache file expected to hold exactly `keys`: problem is "missing", "corrupt"
+    (unreadable or other keys) or None, in which case the metadata is returned for the caller's own checks."""
+    if not Path(path).is_file():
+        return "missing", {}
+    try:
+        found, meta = read_safetensors_header(path)
+    except ValueError:
+        return "corrupt", {}
+    return (None, meta) if set(found) == set(keys) else ("corrupt", {})

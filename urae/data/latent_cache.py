@@ -28,7 +28,7 @@ from urae.data.distributed import Ranks
 from urae.data.identity import file_fingerprint, module_fingerprint
 from urae.data.images import bucket_pixels
 from urae.data.vae_encode import DEFAULT_CHUNK_PIXELS, DEFAULT_SPLIT_THRESHOLD, VAE_SCALE, encode_posterior
-from urae.io import load_safetensors, read_safetensors_header, save_safetensors_atomic
+from urae.io import cached_file_meta, load_safetensors, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,9 @@ def expected_facts(item: ImageItem, vae_id: str, dtype: torch.dtype) -> dict[str
 
 def check_latent_file(path: Path, facts: dict[str, str]) -> str | None:
     """None if `path` is a usable cache for these facts, else why not (missing, corrupt, stale: ...)."""
-    if not path.is_file():
-        return "missing"
-    try:
-        keys, meta = read_safetensors_header(path)
-    except ValueError:
-        return "corrupt"
-    if set(keys) != {"mean", "std"}:
-        return "corrupt"
+    problem, meta = cached_file_meta(path, {"mean", "std"})
+    if problem:
+        return problem
     diff = [k for k in _CHECKED if meta.get(k) != facts.get(k)]
     return f"stale ({', '.join(diff)} changed)" if diff else None
 

@@ -17,7 +17,7 @@ import torch
 
 from urae.data.distributed import Ranks
 from urae.data.identity import module_fingerprint, tokenizer_fingerprint
-from urae.io import read_safetensors_header, save_safetensors_atomic
+from urae.io import cached_file_meta, save_safetensors_atomic
 
 FORMAT = "urae-text-v1"
 T5_MAX_LENGTH_DEV = 512
@@ -50,14 +50,9 @@ def text_path(cache_root: Path, caption: str, identity: str) -> Path:
 
 
 def check_text_file(path: Path, caption: str, identity: str, dtype: torch.dtype | None = None) -> str | None:
-    if not path.is_file():
-        return "missing"
-    try:
-        keys, meta = read_safetensors_header(path)
-    except ValueError:
-        return "corrupt"
-    if set(keys) != _KEYS:
-        return "corrupt"
+    problem, meta = cached_file_meta(path, _KEYS)
+    if problem:
+        return problem
     if meta.get("identity") != identity or meta.get("caption") != caption:
         return "stale"
     if dtype is not None and meta.get("dtype", "") != str(dtype).removeprefix("torch."):
