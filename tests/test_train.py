@@ -146,8 +146,8 @@ def test_nan_loss_stops_with_the_step_and_saves_nothing(tiny_flux_dir, data_dir,
     out = tmp_path / "nan"
     rc = main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "20", "--learning_rate", "1e30",
                    "--max_grad_norm", "0"))
-    assert rc == 1
-    text = capsys.readouterr().out
+    assert rc == 2
+    text = capsys.readouterr().err
     assert "loss is nan at step" in text.lower() or "loss is inf at step" in text.lower()
     assert not (out / "urae_demo.safetensors").exists()
 
@@ -173,8 +173,8 @@ def test_output_dir_of_another_run_is_refused(tiny_flux_dir, data_dir, tmp_path,
     out = tmp_path / "used"
     out.mkdir()
     (out / "train_config.toml").write_text("")
-    assert main(args(tiny_flux_dir, data_dir, out, "--overwrite", "false")) == 1
-    assert "--resume auto" in capsys.readouterr().out
+    assert main(args(tiny_flux_dir, data_dir, out, "--overwrite", "false")) == 2
+    assert "--resume auto" in capsys.readouterr().err
 
 
 def test_cache_only_builds_caches_and_stops(tiny_flux_dir, data_dir, tmp_path, capsys):
@@ -252,3 +252,80 @@ def test_files_record_the_settings_to_generate_with():
     assert inference_settings({"resolution": "1024"}, stock) == stock
     four_k = HighResSettings(10.0, True)
     assert inference_settings({"resolution": "4096"}, four_k) is four_k
+
+
+def _fails_fast(argv, capsys, match: str):
+    """A user's mistake: exit 2, one line on stderr naming it, found before any model or cache work."""
+    rc = main(argv)
+    err = capsys.readouterr()
+    assert rc == 2, err
+    lines = [x for x in err.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err.err
+    assert "Traceback" not in err.err and "text cache" not in err.out and "loading" not in err.out.lower()
+
+
+def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails_fast(args(tiny_flux_dir, tmp_path / "nowhere", out), capsys, "is not an existing folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails_fast(args(tiny_flux_dir, empty, out), capsys, "no usable images")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(tmp_path / "2k.safetensors")), capsys,
+                "no such file")
+    # offline hub id: the data folder is checked first, then the model
+    _fails_fast(args("someone/FLUX-typo", tmp_path / "nowhere", out), capsys, "train_data_dir")
+    _fails_fast(args("someone/FLUX-typo", data_dir, out), capsys, "HF_HUB_OFFLINE")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--resolution", "1000"), capsys, "multiple")
+    assert not out.exists()
+
+
+def test_an_internal_bug_keeps_its_traceback(tiny_flux_dir, data_dir, tmp_path, monkeypatch):
+    import urae.trainer as trainer
+
+    def broken(*a, **k):
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(trainer, "make_plan", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(args(tiny_flux_dir, data_dir, tmp_path / "o"))
+
+
+def test_demo_never_writes_into_a_users_folder(tiny_flux_dir, tmp_path, capsys):
+    mine = tmp_path / "my_photos"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    rc = main(["--config", str(ROOT / "presets/demo.toml"), "--pretrained_model_name_or_path", str(tiny_flux_dir),
+               "--train_data_dir", str(mine), "--output_dir", str(tmp_path / "o")])
+    assert rc == 2 and "no usable images" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.md"]
+
+
+def test_a_full_disk_at_save_stops_cleanly_and_keeps_the_last_state(tiny_flux_dir, data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    import urae.checkpoints as checkpoints
+
+    real = checkpoints.torch.save
+    calls = {"n": 0}
+
+    def save_until_full(obj, f, *a, **k):  # the second state's optimizer file hits a full disk
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save_until_full)
+    out = tmp_path / "full"
+    rc = main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "6", "--save_every_n_steps", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "saving the state of step 4 failed: no space left" in err and "state-0000002 is intact" in err
+    assert "Traceback" not in err
+    assert [p.name for p in out.iterdir() if p.name.startswith(("state", ".state"))] == ["state-0000002"]
+
+
+def test_too_little_free_space_is_refused_before_the_run(tmp_path):
+    from urae.train_plan import check_free_space
+
+    check_free_space(tmp_path / "new" / "out", 1024)
+    with pytest.raises(ConfigError, match="free on the disk"):
+        check_free_space(tmp_path, 2**62)
