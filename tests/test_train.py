@@ -73,16 +73,43 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_two_processes_train_the_same_adapter(tiny_flux_dir, data_dir, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "flux_urae_train.py"), *args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4")]
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(distributed: list[str], out: Path, *extra) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *distributed, "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(ROOT / "flux_urae_train.py"), *extra]
     r = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["urae_demo.safetensors"]
-    assert len(log_losses(out)) == 4
+    return r
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_and_fsdp_train_the_same_adapter(tiny_flux_dir, data_dir, tmp_path):
+    """DDP-style (replicated base) and FSDP (base sharded over the 2 processes, gloo) give every rank the same
+    adapter, the same file, and the same training within fp32 rounding."""
+    runs = {}
+    for name, flags in (("ddp", ["--multi_gpu"]), ("fsdp", ["--use_fsdp", "--fsdp_version", "2"])):
+        out = tmp_path / name
+        r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4",
+                                     "--gradient_checkpointing", "true", "--sample_every_n_steps", "4"))
+        assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
+        assert ("FSDP: the frozen base is split over 2 processes" in r.stdout) == (name == "fsdp")
+        assert sorted(p.name for p in out.glob("*.safetensors")) == ["urae_demo.safetensors"]
+        assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000004_00.png", "0000004_01.png"]
+        assert len(log_losses(out)) == 4
+        runs[name] = load_file(out / "urae_demo.safetensors")
+    a, b = runs["ddp"], runs["fsdp"]
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    size = max(a[k].abs().max().item() for k in a)
+    assert diff <= 1e-5 * size, (diff, size)
 
 
 def _popen(a):

@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -254,10 +255,17 @@ class Model:
     network: torch.nn.Module
     trainable: list
     settings: HighResSettings
+    fsdp: bool = False  # the base is sharded: every rank must run every forward (samples included)
 
 
-def model_stage(cfg, plan: RunPlan, transformer, device) -> Model:
-    transformer.to(device).requires_grad_(False)
+def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
+    from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
+
+    device = accelerator.device
+    fsdp = fsdp_requested(accelerator)
+    transformer.requires_grad_(False)
+    if not fsdp:  # under FSDP each block moves to the GPU only as its shards
+        transformer.to(device)
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
     settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
@@ -270,8 +278,13 @@ def model_stage(cfg, plan: RunPlan, transformer, device) -> Model:
         load_adapter_state(plan.resume_path, network)
     network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
+    if fsdp:
+        shard_base(transformer, device)
+        if accelerator.is_main_process:
+            print(f"FSDP: the frozen base is split over {accelerator.num_processes} processes, "
+                  f"{human_bytes(sharded_bytes_per_rank(transformer))} of weights each", flush=True)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    return Model(transformer, network, trainable, settings)
+    return Model(transformer, network, trainable, settings, fsdp)
 
 
 def _optimizer(cfg, network):
@@ -324,7 +337,7 @@ class Saver:
 
 
 def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, settings, device, rank: int = 0,
-                 world: int = 1, main: bool = True) -> list[Path]:
+                 world: int = 1, main: bool = True, write: bool = True) -> list[Path]:
     """This rank's share of the sample prompts (prompt k of the file is `prompts[k // world]` on rank k % world)."""
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
@@ -347,9 +360,10 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
                                 steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"))
             t5, pooled = rec["embeds"]
             img = generate(pipe, req, settings, prompt_embeds=(t5.to(device), pooled.to(device)))
-            paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
-                                  {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
-                                   "height": req.height, "runtime": settings.to_dict()}))
+            if write:
+                paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
+                                      {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
+                                       "height": req.height, "runtime": settings.to_dict()}))
     finally:
         network.train(was_training)
         vae.to("cpu")
@@ -411,7 +425,11 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     parts = (model.transformer, vae, scheduler)
 
     def samples(step):
-        make_samples(cfg, parts, prompts[rank::world], step, plan.out_dir, network, settings, device, rank, world, main)
+        if model.fsdp:  # sharded blocks need every rank in each forward: all ranks draw every sample, one writes
+            make_samples(cfg, parts, prompts, step, plan.out_dir, network, settings, device, write=main, main=main)
+        else:
+            make_samples(cfg, parts, prompts[rank::world], step, plan.out_dir, network, settings, device, rank, world,
+                         main=main)
         accelerator.wait_for_everyone()
 
     log_path = plan.out_dir / "train_log.jsonl"
@@ -501,7 +519,7 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    model = model_stage(cfg, plan, transformer, accelerator.device)
+    model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -524,5 +542,6 @@ def main(argv=None) -> int:
     try:
         return train(parse(argv))
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
