@@ -303,6 +303,8 @@ def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir,
     _fails_fast(args("someone/FLUX-typo", tmp_path / "nowhere", out), capsys, "train_data_dir")
     _fails_fast(args("someone/FLUX-typo", data_dir, out), capsys, "HF_HUB_OFFLINE")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--resolution", "1000"), capsys, "multiple")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--optimizer_args", "weight_decayy=0.1"), capsys,
+                "do not fit optimizer_type")
     assert not out.exists()
 
 

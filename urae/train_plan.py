@@ -133,8 +133,10 @@ def check_free_space(out_dir: Path, state_bytes: int) -> None:
 def make_plan(cfg: dict, is_main: bool = True) -> RunPlan:
     """Check everything that needs no model, in the order a user would fix it."""
     from urae.adapters import check_adapter_file
+    from urae.optim import check_optimizer
 
     out_dir, resume_path = _check_output(cfg)
+    check_optimizer(cfg["optimizer_type"], cfg["learning_rate"], cfg["optimizer_args"])
     options, found = _check_data(cfg, is_main)
     if cfg["base_lora"]:
         check_adapter_file(cfg["base_lora"])
