@@ -358,3 +358,13 @@ def test_too_little_free_space_is_refused_before_the_run(tmp_path):
     check_free_space(tmp_path / "new" / "out", 1024)
     with pytest.raises(ConfigError, match="free on the disk"):
         check_free_space(tmp_path, 2**62)
+
+
+def test_a_mistake_under_accelerate_launch_is_one_line(tiny_flux_dir, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "flux_urae_train.py"),
+           *args(tiny_flux_dir, tmp_path / "nowhere", tmp_path / "o")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines == [f"error: train_data_dir: {tmp_path / 'nowhere'} is not an existing folder"], r.stderr
