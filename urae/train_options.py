@@ -74,6 +74,14 @@ OPTIONS = [
     Option("sample_steps", int, None, "sample denoising steps (default 28 dev, 4 schnell)"),
     Option("log_with", str, None, "tensorboard (when installed)", choices=("tensorboard", "none")),
     Option("logging_dir", str, None, "TensorBoard folder (default <output_dir>/logs)"),
+    # GPU memory (urae.memory); explicit keys override what memory = auto chose
+    Option("memory", str, "auto", "auto: block swap / activation offload / fp8 chosen from the GPU's memory and the "
+           "resolution; off: everything resident", choices=("auto", "off")),
+    Option("blocks_to_swap", int, None, "N transformer blocks live in host memory, copied in just before they run "
+           "(lossless; needs gradient_checkpointing)"),
+    Option("fp8_base", bool, None, "store the frozen base weights as float8 e4m3, upcast per layer (lossy: see the "
+           "README's fp8 note)"),
+    Option("offload_activations", bool, None, "checkpointed block inputs wait in host memory for backward (lossless)"),
 ]
 
 

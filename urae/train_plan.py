@@ -30,6 +30,7 @@ class RunPlan:
     scan: object  # urae.data.datasets.ScanResult
     model_location: str
     state_bytes: int  # one saved state (adapter + optimizer), estimated
+    memory: object = None  # urae.train_memory.MemoryChoice, set once the device is known
 
     def summary(self, cfg: dict, world: int) -> str:
         n = len(self.scan.items)

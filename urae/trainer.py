@@ -46,6 +46,8 @@ from urae.config import ConfigError, format_table, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
 from urae.runtime import HighResSettings, apply_highres
+from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
+from urae.train_memory import resolve_memory
 from urae.train_options import OPTIONS, check, network_kwargs
 from urae.train_plan import RunPlan, human_bytes, human_count, make_plan
 from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
@@ -192,6 +194,8 @@ def plan_stage(cfg, accelerator) -> RunPlan:
     accelerator.wait_for_everyone()
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
     plan = make_plan(cfg, is_main=main)
+    plan.memory = resolve_memory(cfg, accelerator.device, plan.model_location, fsdp_requested(accelerator),
+                                 accelerator.num_processes)
     accelerator.wait_for_everyone()
     if main:
         if cfg["guidance_scale"] != 1.0:
@@ -200,6 +204,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
         print("training config:\n" + format_table(cfg), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
+        print(plan.memory.summary(), flush=True)
         if cfg["overwrite"] and plan.resume_path is None:
             clear_run(plan.out_dir, cfg["output_name"])
         remove_partial_saves(plan.out_dir)
@@ -259,12 +264,10 @@ class Model:
 
 
 def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
-    from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
-
     device = accelerator.device
     fsdp = fsdp_requested(accelerator)
     transformer.requires_grad_(False)
-    if not fsdp:  # under FSDP each block moves to the GPU only as its shards
+    if not fsdp and not plan.memory.active:  # otherwise weights move when sharded / placed by urae.memory
         transformer.to(device)
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
@@ -283,6 +286,10 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
         if accelerator.is_main_process:
             print(f"FSDP: the frozen base is split over {accelerator.num_processes} processes, "
                   f"{human_bytes(sharded_bytes_per_rank(transformer))} of weights each", flush=True)
+    if plan.memory.active:  # after the SVD: the minor components come from the full-precision weights
+        from urae.memory import setup_memory
+
+        setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"])
     trainable = [p for p in network.parameters() if p.requires_grad]
     return Model(transformer, network, trainable, settings, fsdp)
 
