@@ -169,3 +169,29 @@ def test_hub_id_offline_unknown_or_from_local_snapshot(tmp_path, model, parts, m
     status = cache_status(opts(tmp_path), "someone/tiny-flux", dtype=torch.float32, prompts=PROMPTS)
     assert status.complete
     assert connects == []
+
+
+def test_caching_cli_loads_only_the_models_of_incomplete_kinds(tmp_path, model, parts):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    first_run(tmp_path, model, parts)
+    (tmp_path / "data" / "img0.txt").write_text("an edited caption")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "urae.data", "--model", str(model), "--train_data_dir", str(tmp_path / "data"),
+           "--cache_dir", str(tmp_path / "cache"), "--resolution", "64", "--dtype", "fp32",
+           "--stats_json", str(tmp_path / "stats"), "--no_progress"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads((tmp_path / "stats.rank0.json").read_text())
+    assert stats["loaded"] == ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    assert stats["texts_encoded"] == 1 and stats["latents_encoded"] == 0
+    assert "cache status: latents complete (3 of 3 valid); texts incomplete (2 of 3 valid)" in out.stdout
+
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "nowhere"), *cmd[5:]], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "no such folder" in bad.stderr
