@@ -195,3 +195,25 @@ def test_caching_cli_loads_only_the_models_of_incomplete_kinds(tmp_path, model, 
                          text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "no such folder" in bad.stderr
+
+
+def test_single_components_load_as_the_pipeline_does(model, parts):
+    from diffusers import FluxPipeline
+
+    from urae.components import load_components
+    from urae.data.identity import module_fingerprint
+    from urae.data.text_cache import TextEncoders
+    from urae.loading import ModelLoadError
+
+    pipe = FluxPipeline.from_pretrained(model, transformer=None, dtype=torch.float32)
+    assert module_fingerprint(parts["vae"]) == module_fingerprint(pipe.vae)
+    names = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    assert TextEncoders(*(parts[n] for n in names)).identity() == TextEncoders(*(getattr(pipe, n) for n in names)).identity()
+    assert not any(p.requires_grad for p in parts["text_encoder_2"].parameters())
+
+    bf16 = load_components(model, ["vae"], torch.bfloat16)["vae"]
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="has no controlnet"):
+        load_components(model, ["controlnet"])
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_vae(model.parent / "missing")
