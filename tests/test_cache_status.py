@@ -154,7 +154,12 @@ def test_hub_id_offline_unknown_or_from_local_snapshot(tmp_path, model, parts, m
     import huggingface_hub.constants
 
     connects = []
-    monkeypatch.setattr(socket.socket, "connect", lambda *a: connects.append(a) or (_ for _ in ()).throw(OSError))
+
+    def no_network(sock, address):
+        connects.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     hub = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     first_run(tmp_path, model, parts)
