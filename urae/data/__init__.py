@@ -19,9 +19,11 @@ Public API (what the trainer calls)::
 - `DataOptions` (options.py): train_data_dir, dataset_config, caption_extension, real_prompt_ratio,
   resolution, bucket_mode, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale,
   random_crop, cache_dir, cache_only.
-- `build_caches(options, components, accelerator=None, *, t5_max_length=None, dtype=None)` (build.py)
-  -> `CachePlan` (entries, skipped images with reasons, cache reports). components: a FluxPipeline
-  or its `.components` (the models as objects, on any device). accelerator: an Accelerator /
+- `build_caches(options, components=None, accelerator=None, *, status=None, model_location=None,
+  prompts=(), t5_max_length=None, dtype=None)` (build.py) -> `CachePlan` (entries, skipped images
+  with reasons, cache reports, text identity). components: a FluxPipeline or its `.components`
+  (the models as objects, on any device); the models of a kind `status` found complete may be left
+  out. model_location: where they were loaded from, so their identities go into the memo. accelerator: an Accelerator /
   PartialState; every rank caches a round-robin share, waits for the others, and returns the same
   complete plan. T5 length defaults to 512, 256 when the transformer is schnell. Caches go to
   `cache_dir` (or `.urae_cache` inside each image folder); reruns reuse valid files and rebuild
