@@ -176,6 +176,7 @@ def test_hub_id_offline_unknown_or_from_local_snapshot(tmp_path, model, parts, m
     assert connects == []
 
 
+@pytest.mark.slow  # a subprocess: ~10 s of imports and loading
 def test_caching_cli_loads_only_the_models_of_incomplete_kinds(tmp_path, model, parts):
     import os
     import subprocess
