@@ -399,3 +399,21 @@ def test_resume_with_other_memory_options_continues_the_same_run(tiny_flux_dir, 
     assert moved > 0 and diff <= 1e-3 * moved, (diff, moved)
     la, lb = log_losses(full), log_losses(cut)
     assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in range(1, 5)), (la, lb)
+
+
+def test_complete_caches_load_no_encoder_and_no_vae(tiny_flux_dir, data_dir, tmp_path, capsys, caplog):
+    """Host RAM: the second run finds every cache complete and loads only the transformer (no T5, CLIP or
+    VAE: no sampling here), and never the whole pipeline."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="urae")
+    cache = tmp_path / "cache"
+    assert main(args(tiny_flux_dir, data_dir, tmp_path / "a", "--max_train_steps", "1", "--cache_dir", str(cache))) == 0
+    first = [r.getMessage().split(":")[0] for r in caplog.records]
+    assert {"text_encoder", "text_encoder_2", "vae", "transformer"} <= set(first)
+    caplog.clear()
+    capsys.readouterr()
+    assert main(args(tiny_flux_dir, data_dir, tmp_path / "b", "--max_train_steps", "1", "--cache_dir", str(cache))) == 0
+    loaded = {r.getMessage().split(":")[0] for r in caplog.records}
+    assert "latents complete" in capsys.readouterr().out
+    assert loaded & {"text_encoder", "text_encoder_2", "vae", "transformer"} == {"transformer"}

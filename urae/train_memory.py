@@ -72,6 +72,6 @@ def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: b
         check_memory_options(options, block_counts(model_location), device, cfg["gradient_checkpointing"])
     except MemoryConfigError as e:
         raise ConfigError(str(e)) from None
-    peak = None if fsdp else estimate_peak_bytes(options, w, h, batch_size=batch,
-                                                 gradient_checkpointing=cfg["gradient_checkpointing"])
+    peak = None if fsdp or device.type != "cuda" else estimate_peak_bytes(
+        options, w, h, batch_size=batch, gradient_checkpointing=cfg["gradient_checkpointing"])
     return MemoryChoice(options, peak, how)

@@ -215,41 +215,53 @@ def plan_stage(cfg, accelerator) -> RunPlan:
 # ---------------------------------------------------------------- stage 2: caches
 
 def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
-    """Latents and caption embeddings on disk, sample-prompt embeddings in memory; the encoders are freed
-    before the transformer is built. Returns (CachePlan, sample prompts with embeddings, vae, scheduler)."""
-    from urae.data import build_caches
-    from urae.loading import load_pipeline
+    """Latents and caption embeddings on disk, sample-prompt embeddings in memory. Only the encoders of an
+    incomplete cache are loaded, and they are freed before the transformer loads: host RAM never holds the
+    text encoders and the transformer at once, and a run with complete caches loads neither encoder nor VAE.
+    Returns (CachePlan, sample prompts with their embeddings)."""
+    from urae.components import load_text_encoders, load_vae
+    from urae.data import build_caches, cache_prompts, cache_status
 
-    device = accelerator.device
-    pipe = load_pipeline(plan.model_location, cfg["transformer"], dtype=weight_dtype)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        getattr(pipe, name).to(device)
-    caches = build_caches(plan.data, pipe, accelerator, t5_max_length=cfg["t5_max_length"])
+    main, device = accelerator.is_main_process, accelerator.device
+    prompts = _sample_prompts(cfg)
+    texts = [r["prompt"] for r in prompts]
+    status = cache_status(plan.data, plan.model_location, dtype=weight_dtype, t5_max_length=cfg["t5_max_length"],
+                          prompts=texts, accelerator=accelerator, log=main)
+    parts = load_text_encoders(plan.model_location, weight_dtype, device) if status.needs_text_encoders else {}
+    if status.needs_vae:
+        parts["vae"] = load_vae(plan.model_location, weight_dtype, device)
+    caches = build_caches(plan.data, parts, accelerator, status=status, prompts=texts)
     if accelerator.is_main_process and caches.skipped:
         print(f"skipped {len(caches.skipped)} image(s): "
               + "; ".join(f"{p.name} ({why})" for p, why in caches.skipped[:5]))
-    prompts = _encode_sample_prompts(cfg, pipe, device)  # every rank samples its share of them
-    transformer, vae, scheduler = pipe.transformer, pipe.vae.to("cpu"), pipe.scheduler
-    del pipe
+    embeds = cache_prompts(texts, caches, parts if status.needs_text_encoders else None)
+    del parts
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return caches, prompts, transformer, vae, scheduler
+    return caches, [{**rec, "embeds": e} for rec, e in zip(prompts, embeds)]
 
 
-def _encode_sample_prompts(cfg, pipe, device) -> list[dict]:
+def _sample_prompts(cfg) -> list[dict]:
     from urae.prompts import read_prompts
-    from urae.sampling import model_defaults
 
     if not cfg["sample_prompts"] or not (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
         return []
-    length = cfg["t5_max_length"] or model_defaults(pipe.transformer)["max_sequence_length"]
-    out = []
-    with torch.no_grad():
-        for rec in read_prompts(cfg["sample_prompts"]):
-            t5, pooled, _ = pipe.encode_prompt(rec["prompt"], prompt_2=None, device=device, max_sequence_length=length)
-            out.append({**rec, "embeds": (t5.cpu(), pooled.cpu())})
-    return out
+    return list(read_prompts(cfg["sample_prompts"]))
+
+
+def load_for_training(cfg, plan: RunPlan, weight_dtype, sampling: bool):
+    """The transformer alone (memory-mapped), plus the VAE and scheduler when samples are drawn."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from urae.components import load_vae
+    from urae.loading import _from_pretrained, load_transformer
+
+    transformer = load_transformer(plan.model_location, cfg["transformer"], dtype=weight_dtype)
+    if not sampling:
+        return transformer, None, None
+    scheduler = _from_pretrained(FlowMatchEulerDiscreteScheduler, plan.model_location, subfolder="scheduler")
+    return transformer, load_vae(plan.model_location, weight_dtype), scheduler
 
 
 # ---------------------------------------------------------------- stage 3: model
@@ -518,7 +530,7 @@ def train(cfg: dict) -> int:
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
     plan = plan_stage(cfg, accelerator)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    caches, prompts, transformer, vae, scheduler = cache_stage(cfg, plan, accelerator, weight_dtype)
+    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -526,6 +538,7 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
+    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
     model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
