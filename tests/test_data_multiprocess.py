@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from urae.data.synthetic import write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +35,7 @@ def _launch(model, data, cache, stats):
     return ranks, out.stdout
 
 
+@pytest.mark.slow
 def test_two_process_caching_splits_work_and_completes(tmp_path, tiny_flux_dir):
     from diffusers import FluxPipeline
 

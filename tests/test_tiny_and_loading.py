@@ -29,6 +29,7 @@ def test_tiny_folder_has_flux_layout_and_loads_offline(tiny_flux_dir):
         assert real in names
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_generates_deterministically(tiny_flux_dir):
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     run = lambda: pipe("a red square", height=256, width=384, num_inference_steps=2, output_type="np",  # noqa: E731

@@ -36,6 +36,7 @@ def log_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}  # a resumed run's entries replace the killed run's
 
 
+@pytest.mark.slow
 def test_demo_preset_end_to_end(tiny_flux_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(args(tiny_flux_dir, data_dir, out, "--sample_every_n_steps", "40"))
@@ -130,6 +131,7 @@ def _wait_for(cond, proc, timeout=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp_path):
     common = ("--max_train_steps", "8", "--save_every_n_steps", "2", "--optimizer_type", "prodigy",
               "--learning_rate", "1.0", "--network_args", "init=minor", "targets=urae", "dropout=0.1")
@@ -157,6 +159,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp
     assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in range(5, 9)), (la, lb)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tiny_flux_dir, data_dir, tmp_path):
     out = tmp_path / "int"
     proc = _popen(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "100000"))
@@ -236,6 +239,7 @@ def test_presets_hold_the_recipes():
     assert demo["demo"] is True and "init=minor" in demo["network_args"]
 
 
+@pytest.mark.slow
 def test_cache_only_then_training_and_resume_auto_without_states(tiny_flux_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "seq"
     assert main(args(tiny_flux_dir, data_dir, out, "--cache_only")) == 0
@@ -247,6 +251,7 @@ def test_cache_only_then_training_and_resume_auto_without_states(tiny_flux_dir, 
     assert "no saved state" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_old_runs_states(tiny_flux_dir, data_dir, tmp_path):
     out = tmp_path / "ow"
     assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4", "--save_every_n_steps", "2")) == 0
@@ -362,6 +367,7 @@ def test_too_little_free_space_is_refused_before_the_run(tmp_path):
         check_free_space(tmp_path, 2**62)
 
 
+@pytest.mark.slow
 def test_a_mistake_under_accelerate_launch_is_one_line(tiny_flux_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "flux_urae_train.py"),
