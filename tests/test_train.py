@@ -423,3 +423,30 @@ def test_complete_caches_load_no_encoder_and_no_vae(tiny_flux_dir, data_dir, tmp
     loaded = {r.getMessage().split(":")[0] for r in caplog.records}
     assert "latents complete" in capsys.readouterr().out
     assert loaded & {"text_encoder", "text_encoder_2", "vae", "transformer"} == {"transformer"}
+
+
+def test_shared_files_carry_no_local_paths_and_no_metadata_keeps_only_what_loaders_need(tiny_flux_dir, data_dir,
+                                                                                        tmp_path):
+    from safetensors import safe_open
+
+    from networks import minor_lora
+    from urae.tiny import build_transformer
+
+    base = tmp_path / "private" / "folder" / "my_2k.safetensors"
+    base.parent.mkdir(parents=True)
+    tr = build_transformer()
+    net = minor_lora.create_network(1.0, 2, 2.0, None, [], tr, init="plain", targets="urae", verbose="False")
+    net.apply_to([], tr, False, True)
+    net.save_weights(str(base), None, {})
+    for extra, out in (([], tmp_path / "full"), (["--no_metadata"], tmp_path / "bare")):
+        assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "1", "--base_lora", str(base),
+                         *extra)) == 0
+        with safe_open(str(out / "urae_demo.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert str(tmp_path) not in json.dumps(meta)
+        assert "urae_runtime" in meta and "urae_structure" in meta
+        if extra:
+            assert "urae_recipe" not in meta and "ss_learning_rate" not in meta
+        else:
+            recipe = json.loads(meta["urae_recipe"])
+            assert recipe["base_lora"]["name"] == "my_2k.safetensors" and recipe["base_lora"]["fingerprint"]

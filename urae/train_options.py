@@ -65,6 +65,8 @@ OPTIONS = [
     Option("save_every_n_steps", int, None, "save adapter + training state every N steps"),
     Option("save_last_n_steps", int, None, "keep only states from the last N steps"),
     Option("save_precision", str, "fp32", "adapter file dtype", choices=("fp32", "bf16", "fp16")),
+    Option("no_metadata", bool, False, "final file: only what loaders need (structure, runtime settings), no training "
+           "details (sd-scripts' no_metadata)"),
     Option("resume", str, None, "'auto' (newest state in output_dir) or a state folder"),
     Option("overwrite", bool, False, "allow output_dir to hold another run's files"),
     Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--l flags allowed)"),

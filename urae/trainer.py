@@ -350,8 +350,8 @@ class Saver:
         cfg = self.cfg
         final = self.plan.out_dir / f"{cfg['output_name']}.safetensors"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["save_precision"], torch.float32)
-        self._guard(final.name, lambda: self.network.save_weights(str(final), dtype,
-                                                                  _adapter_metadata(cfg, cfg["max_train_steps"])))
+        meta = {} if cfg["no_metadata"] else _adapter_metadata(cfg, cfg["max_train_steps"])
+        self._guard(final.name, lambda: self.network.save_weights(str(final), dtype, meta))
         return final
 
 
