@@ -297,3 +297,69 @@ def test_clones_leave_the_input_model_alone_and_do_not_interfere(comfy, dev):
             S.shifted_sigma(0.5, shift), abs=1e-7)
     # a later URAE node decides: turning proportional attention off removes the earlier node's override
     assert "optimized_attention_override" not in node(a, 1.0, "off").model_options["transformer_options"]
+
+
+# ---- example workflows ----
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "comfyui_urae" / "workflows").glob("*.json"))
+
+
+def comfyui_node_types() -> set:
+    """Node ids ComfyUI registers: nodes.py's NODE_CLASS_MAPPINGS keys and comfy_extras' node_id=... schemas."""
+    import ast
+    import re
+
+    tree = ast.parse((COMFYUI / "nodes.py").read_text())
+    types = {"Note"}  # the front end's own comment node
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", None) == "NODE_CLASS_MAPPINGS":
+            types |= {k.value for k in stmt.value.keys}
+    for f in (COMFYUI / "comfy_extras").glob("*.py"):
+        types |= set(re.findall(r'node_id="([^"]+)"', f.read_text()))
+    return types
+
+
+def _widget_inputs(cls):
+    spec = cls.INPUT_TYPES()
+    return [(k, v) for part in ("required", "optional") for k, v in spec.get(part, {}).items()
+            if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+
+
+def test_there_are_the_three_workflows():
+    assert [p.name for p in WORKFLOWS] == ["urae_2048.json", "urae_4096.json", "urae_two_stage.json"]
+
+
+@needs_comfyui
+@pytest.mark.slow
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflows_load_and_use_the_urae_settings(comfy, path):
+    wf = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] == max(nodes)
+    assert {n["type"] for n in wf["nodes"]} <= comfyui_node_types() | set(NODE_CLASS_MAPPINGS)
+    for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        assert lid in nodes[src]["outputs"][src_slot]["links"] and nodes[src]["outputs"][src_slot]["type"] == typ
+        assert nodes[dst]["inputs"][dst_slot]["link"] == lid and nodes[dst]["inputs"][dst_slot]["type"] == typ
+    for n in wf["nodes"]:
+        assert all(i["link"] is not None for i in n["inputs"]), f"{n['type']} {n['id']} has an unconnected input"
+        if n["type"] in NODE_CLASS_MAPPINGS:
+            widgets = _widget_inputs(NODE_CLASS_MAPPINGS[n["type"]])
+            assert len(n["widgets_values"]) == len(widgets)
+            for (name, spec), value in zip(widgets, n["widgets_values"]):
+                if isinstance(spec[0], list) and name not in ("lora_name", "settings_from_lora"):
+                    assert value in spec[0], (name, value)
+                elif not isinstance(spec[0], list):
+                    assert spec[1]["min"] <= value <= spec[1]["max"], (name, value)
+    urae = [n for n in wf["nodes"] if n["type"] in NODE_CLASS_MAPPINGS]
+    samplers = [n for n in wf["nodes"] if n["type"].startswith("KSampler")]
+    assert urae and samplers and "ModelSamplingFlux" not in {n["type"] for n in wf["nodes"]}
+    for ks in samplers:  # euler, simple, 28 steps, cfg 1: the schedule the tests above check
+        first = 2 if ks["type"] == "KSampler" else 3  # after the seed and its control_after_generate value
+        assert ks["widgets_values"][first:first + 4] == [28, 1.0, "euler", "simple"]
+        model_src = nodes[next(lk[1] for lk in wf["links"] if lk[0] == ks["inputs"][0]["link"])]
+        assert model_src["type"] in NODE_CLASS_MAPPINGS, "every sampler runs a model through a URAE node"
+    sizes = {tuple(n["widgets_values"][:2]) for n in wf["nodes"] if n["type"] in ("EmptySD3LatentImage",)}
+    sizes |= {tuple(n["widgets_values"][1:3]) for n in wf["nodes"] if n["type"] == "ImageScale"}
+    node_sizes = {tuple(n["widgets_values"][2:4] if n["type"] == "URAELoraLoader" else n["widgets_values"][:2])
+                  for n in urae}
+    assert node_sizes == sizes, "each URAE node's size is the size its sampler generates"
