@@ -10,9 +10,12 @@ ComfyUI modules are imported inside the functions, so `settings` (and this modul
 
 from __future__ import annotations
 
+import logging
 import math
 
 from . import settings as S
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "URAE"
 # simple/normal schedulers index ComfyUI's sigma table; a length divisible by the usual step counts
@@ -152,7 +155,7 @@ class URAEHighResRuntime:
             meta_runtime = S.runtime_from_metadata(read_lora_metadata(settings_from_lora))
         runtime = S.resolve(width, height, flux_variant(model), metadata_runtime=meta_runtime,
                             **_explicit(ntk_factor, proportional_attention, shift))
-        print(_describe(runtime, "from LoRA metadata" if meta_runtime else f"defaults for {width}x{height}"))
+        log.info(_describe(runtime, "from LoRA metadata" if meta_runtime else f"defaults for {width}x{height}"))
         return (apply_runtime(model, runtime),)
 
 
@@ -192,5 +195,5 @@ class URAELoraLoader:
         meta_runtime = S.runtime_from_metadata(meta)
         runtime = S.resolve(width, height, variant, metadata_runtime=meta_runtime,
                             **_explicit(ntk_factor, proportional_attention, shift))
-        print(_describe(runtime, f"from {lora_name}" if meta_runtime else f"defaults for {width}x{height}"))
+        log.info(_describe(runtime, f"from {lora_name}" if meta_runtime else f"defaults for {width}x{height}"))
         return (apply_runtime(model_lora, runtime),)

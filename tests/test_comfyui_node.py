@@ -208,7 +208,7 @@ def test_comfyui_forward_with_the_node_equals_apply_highres(comfy, dev, ntk, pro
 
 @needs_comfyui
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,steps", [("dev", 28), ("schnell", 28), ("schnell", 4)])
+@pytest.mark.parametrize("variant,steps", [("dev", 28), ("dev", 20), ("dev", 50), ("schnell", 28), ("schnell", 4)])
 def test_sigma_schedule_equals_our_static_shift(comfy, dev, schnell, variant, steps):
     mod = comfy[0]
     model, config = (dev, FLUX_DEV_SCHEDULER) if variant == "dev" else (schnell, FLUX_SCHNELL_SCHEDULER)
@@ -297,6 +297,27 @@ def test_clones_leave_the_input_model_alone_and_do_not_interfere(comfy, dev):
             S.shifted_sigma(0.5, shift), abs=1e-7)
     # a later URAE node decides: turning proportional attention off removes the earlier node's override
     assert "optimized_attention_override" not in node(a, 1.0, "off").model_options["transformer_options"]
+
+
+@needs_comfyui
+@pytest.mark.slow
+def test_another_nodes_attention_override_still_runs(comfy, dev):
+    """Other nodes (attention backends, ...) set the same override; ours wraps it with the scaled query."""
+    x = inputs(seed=7)
+    calls = []
+
+    def other(func, *args, **kwargs):
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    m = dev.clone()
+    m.model_options["transformer_options"]["optimized_attention_override"] = other
+    v, xt = comfy_velocity(comfy, node(m, 1.0, "on"), x)
+    cfg = transformer_config()
+    assert len(calls) == cfg["num_layers"] + cfg["num_single_layers"]  # one forward (cfg 1), every block
+    ref = diffusers_velocity(build_transformer(seed=SEED), xt, x, HighResSettings(proportional_attention=True))
+    assert (v - ref).abs().max() < TOL
+    assert dev.model_options["transformer_options"].get("optimized_attention_override") is None
 
 
 # ---- example workflows ----
