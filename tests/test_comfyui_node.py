@@ -110,7 +110,8 @@ def comfy():
         sys.path.remove(str(VENDOR / "torchvision-stub"))
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
-    return comfy, folder_paths
+    yield comfy, folder_paths
+    sys.path.remove(str(COMFYUI))  # its top-level names (utils, app, nodes) must not shadow others later
 
 
 def load_comfy_flux(comfy, path):
@@ -204,6 +205,19 @@ def test_comfyui_forward_with_the_node_equals_apply_highres(comfy, dev, ntk, pro
     assert with_node < TOL
     if (ntk, prop) != (1.0, False):
         assert without > 100 * TOL, "the stock model must differ, or this test could not fail"
+
+
+@needs_comfyui
+@pytest.mark.slow
+def test_equal_above_flux_training_length(comfy, dev):
+    """5,192 tokens (> N0 = 4,608): the attention scale grows above 1/sqrt(d), as at 2K/4K."""
+    x = inputs(seed=2, h=144, w=144)
+    v_node, xt = comfy_velocity(comfy, node(dev, 10.0, "on"), x)
+    v_ref = diffusers_velocity(build_transformer(seed=SEED), xt, x, HighResSettings(ntk_factor=10, proportional_attention=True))
+    v_stock, _ = comfy_velocity(comfy, dev, x)
+    with_node, without = (v_node - v_ref).abs().max().item(), (v_stock - v_ref).abs().max().item()
+    print(f"5192 tokens, ntk 10, proportional attention: max |diff| with node {with_node:.2e}, without {without:.2e}")
+    assert with_node < TOL and without > 100 * TOL
 
 
 @needs_comfyui
