@@ -76,14 +76,13 @@ def apply_runtime(model, runtime: dict):
     m = model.clone()
     m.add_object_patch("diffusion_model.pe_embedder.theta", S.rope_theta(runtime["ntk_factor"]))
     to = m.model_options.setdefault("transformer_options", {})
+    other = to.pop("optimized_attention_override", None)
+    if isinstance(other, ProportionalAttention):  # from a URAE node earlier in the chain: this one replaces it
+        other = other.inner
     if runtime["proportional_attention"]:
-        to["optimized_attention_override"] = ProportionalAttention(runtime["base_seq_len"],
-                                                                   to.get("optimized_attention_override"))
-    elif isinstance(to.get("optimized_attention_override"), ProportionalAttention):
-        # a URAE node earlier in the chain turned it on: this node's setting wins
-        to["optimized_attention_override"] = to["optimized_attention_override"].inner
-        if to["optimized_attention_override"] is None:
-            del to["optimized_attention_override"]
+        to["optimized_attention_override"] = ProportionalAttention(runtime["base_seq_len"], other)
+    elif other is not None:
+        to["optimized_attention_override"] = other
     m.add_object_patch("model_sampling", static_shift_sampling(model, runtime["shift"]))
     return m
 

@@ -309,7 +309,9 @@ def test_clones_leave_the_input_model_alone_and_do_not_interfere(comfy, dev):
     for m, shift in ((a, 3.0), (b, 1.5)):
         assert m.get_model_object("model_sampling").sigma(torch.tensor(0.5)).item() == pytest.approx(
             S.shifted_sigma(0.5, shift), abs=1e-7)
-    # a later URAE node decides: turning proportional attention off removes the earlier node's override
+    # a later URAE node replaces an earlier one's settings (the attention scale is not applied twice)
+    v_chain, _ = comfy_velocity(comfy, node(node(b, 4.0, "on", shift=1.5), 10.0, "on", shift=3.0), x)
+    assert (v_chain - v_a).abs().max() < TOL
     assert "optimized_attention_override" not in node(a, 1.0, "off").model_options["transformer_options"]
 
 
