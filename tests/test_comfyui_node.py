@@ -56,14 +56,14 @@ def test_formulas_match_the_command_line():
             assert S.rope_theta(f) == t.pos_embed.theta
     sched = shifted_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), HighResSettings())
     sched.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10))
-    ours = torch.tensor([S.shifted_sigma(t, 3.0) for t in np.linspace(1.0, 0.1, 10)])
+    ours = torch.tensor([S.shifted_sigma(u, 3.0) for u in np.linspace(1.0, 0.1, 10)])
     torch.testing.assert_close(sched.sigmas[:-1], ours.float(), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("size", [(1024, 1024), (2048, 2048), (4096, 1024), (1536, 1536)])
 @pytest.mark.parametrize("meta", [None, RUNTIME, {"ntk_factor": 1.0, "proportional_attention": False, "base_seq_len": 1000}])
 @pytest.mark.parametrize("explicit", [{}, {"ntk_factor": 3.0}, {"proportional_attention": False, "shift": 1.5}])
-def test_priority_is_the_command_line_s(size, meta, explicit):
+def test_priority_matches_the_command_line(size, meta, explicit):
     cfg = {"ntk_factor": None, "proportional_attention": None, "shift": None, "dynamic_shift": False, **explicit}
     cli = inference.runtime_settings(cfg, SampleRequest("p", *size), meta)
     node = S.resolve(*size, "dev", metadata_runtime=meta, **explicit)
