@@ -87,7 +87,7 @@ def test_bad_values_are_clear_errors():
 # ---- against ComfyUI's code ----
 
 @pytest.fixture(scope="module")
-def comfy():
+def comfy(tmp_path_factory):
     """ComfyUI's modules, imported the way ../shared/vendor/README.md says (CPU, torchvision stand-in)."""
     sys.path.insert(0, str(COMFYUI))
     stub = False
@@ -99,6 +99,8 @@ def comfy():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    # folder_paths creates input/ etc. under its base directory: keep the read-only vendored tree untouched
+    comfy.cli_args.args.base_directory = str(tmp_path_factory.mktemp("comfyui-base"))
     import comfy.model_detection
     import comfy.sample
     import comfy.samplers
