@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from networks import convert_lora, extract_lora, inspect_lora, merge_lora
+from networks import convert_lora, extract_lora, inspect_lora, lora_files, merge_lora
 from networks.minor_lora import TARGET_PRESETS, bfl_row_sizes, create_network, lora_delta_weights
 
 URAE_RE = re.compile(TARGET_PRESETS["urae"])
@@ -55,7 +55,7 @@ def assert_same_deltas(a, b, tol=TOL):
 
 
 def bfl_shapes(path):
-    with merge_lora.Checkpoint(path) as ck:
+    with lora_files.Checkpoint(path) as ck:
         return ck.linear_shapes()
 
 
@@ -395,18 +395,18 @@ def test_extract_recovers_a_low_rank_delta_exactly_and_loads_in_diffusers(tmp_pa
                                     "--report", tmp_path / "err.json", "--no-progress"], capsys)
     assert rc == 0 and "14 layers" in out
     errors = json.loads((tmp_path / "err.json").read_text())
-    assert sorted(errors) == names and max(errors.values()) < 1e-6
+    assert sorted(errors) == names and max(e["error"] for e in errors.values()) < 1e-6
     x = load_file(tmp_path / "x.safetensors")
     assert_same_deltas(deltas(x, shapes), deltas(sd, shapes), tol=1e-5)
 
     # The full fp64 SVD gives the same factors' product; a rank below the delta's rank is an
     # approximation, and the report says how far off it is (the same for both methods).
     x2, _, errs = extract_lora.extract(tuned, tiny_flux_dir, 3, progress=False, method="exact")
-    assert max(e for _, e in errs) < 1e-6
+    assert max(e for _, e, _ in errs) < 1e-6
     assert_same_deltas(deltas(x2, shapes), deltas(sd, shapes), tol=1e-5)
     _, _, fast = extract_lora.extract(tuned, tiny_flux_dir, 1, progress=False)
     _, _, exact = extract_lora.extract(tuned, tiny_flux_dir, 1, progress=False, method="exact")
-    assert min(e for _, e in fast) > 0.05
+    assert min(e for _, e, _ in fast) > 0.05
     assert all(abs(a[1] - b[1]) < 1e-3 * b[1] for a, b in zip(fast, exact))
 
     # diffusers' own loader applies the extracted file: the fused pipeline equals the tuned model.
