@@ -81,20 +81,25 @@ def _deltas(ck: Checkpoint, loras: list[tuple[str, float]]) -> tuple[dict[str, l
         te = {k.rsplit(".", 2)[0] for k in sd if k.startswith(("lora_te", "text_encoder"))}
         if te:
             print(f"note: {path}: {len(te)} text-encoder modules are not merged (transformer only)", file=sys.stderr)
-        # In the checkpoint's own naming, global layers (x_embedder/img_in, norm_out/final_layer) map too.
+        # The rank per diffusers Linear (what extract_lora needs to hold this change), before any fusing.
         try:
-            if ck.layout == "bfl":
-                sd = to_kohya(sd, meta, os.fspath(path))[0]
-            else:
-                sd = to_peft(sd, meta, os.fspath(path), skip_text_encoder=True)[0]
+            peft = to_peft(sd, meta, os.fspath(path), skip_text_encoder=True)[0]
         except NotBlockDiagonalError:
-            pass  # a fused LoRA that is not block-diagonal: TargetMap applies it to the q/k/v rows as it is
+            peft = None  # a fused LoRA that is not block-diagonal: TargetMap applies it to the q/k/v rows as it is
+        rank = max(v.shape[0] for k, v in (peft or sd).items() if k.endswith((".lora_A.weight", ".lora_down.weight")))
+        # In the checkpoint's own naming, global layers (x_embedder/img_in, norm_out/final_layer) map too.
+        if ck.layout == "diffusers" and peft is not None:
+            sd = peft
+        elif ck.layout == "bfl":
+            try:
+                sd = to_kohya(sd, meta, os.fspath(path))[0]
+            except NotBlockDiagonalError:
+                pass
         with user_errors(os.fspath(path)):
             resolved = tmap.resolve(sd, scale, source=os.fspath(path))
         for m, a, b, down, up in resolved:
             items.setdefault(m, []).append((a, b, down, up))
-        rec = {**file_record(path), "scale": scale,
-               "rank": max(v.shape[0] for k, v in sd.items() if k.endswith((".lora_down.weight", ".lora_A.weight")))}
+        rec = {**file_record(path), "scale": scale, "rank": rank}
         if meta.get("urae_init"):
             rec.update(init=meta["urae_init"], trained_rank=int(meta.get("urae_rank", 0)))
         records.append(rec)
