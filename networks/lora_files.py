@@ -17,6 +17,7 @@ import shutil
 import signal
 import struct
 import sys
+import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -83,7 +84,11 @@ def run_cli(body) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:  # nohup and friends ignore on purpose
+                previous[s] = signal.signal(s, stop)
     try:
         return body()
     except (UserError, OSError) as e:

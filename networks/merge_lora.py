@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file or folder")
     ap.add_argument("--no_metadata", "--no-metadata", action="store_true",
                     help="record nothing about the merged files; --lora-only: write only what loaders read")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     return run_cli(lambda: _run(a))
 
