@@ -671,6 +671,15 @@ def test_extract_reports_the_rounding_floor_of_bf16_weights_beside_its_error(tmp
     assert "rounding floor" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounding_floor_is_the_expected_rounding_error_of_the_stored_values(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 256, generator=g, dtype=torch.float64) * 0.02
+    floor = extract_lora.rounding_floor(x.to(dtype))
+    assert abs(floor / float((x.to(dtype).double() - x).norm()) - 1) < 0.03
+    assert extract_lora.rounding_floor(torch.zeros(4, 4, dtype=dtype)) == 0.0
+
+
 def test_minor_adapter_ranks_explained_in_inspect_and_extract(tmp_path, base, tiny_bfl_checkpoint, capsys):
     net = create_network(1.0, 2, 2, None, None, base, init="minor", verbose="False")
     trained_minor(net, 0.05)
