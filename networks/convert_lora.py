@@ -195,8 +195,8 @@ def to_peft(sd: dict, meta: dict, source: str = "LoRA file", dtype=None, skip_te
                 _put(out, r["key"], "peft", r["down"], r["up"], r["alpha"], dt)
             elif not skip_text_encoder:
                 raise UserError(f"{source}: text-encoder module {r['key']}: kohya text-encoder names cannot be "
-                                 f"mapped back to module paths without the model; pass --skip-text-encoder to drop "
-                                 f"the text-encoder part")
+                                f"mapped back to module paths without the model; pass --skip-text-encoder to drop "
+                                f"the text-encoder part")
             continue
         if r["layout"] == "diffusers":
             _put(out, f"{PEFT_UNET}.{r['path']}", "peft", r["down"], r["up"], r["alpha"], dt)
@@ -255,7 +255,7 @@ def import_official(sd: dict, base, base_lora=None, include_base_lora: bool = Tr
         for name, g in mods.items():
             if (g["b"].shape[0], g["a"].shape[1]) != shapes[name]:
                 raise UserError(f"{source}: {name}: adapter is {g['b'].shape[0]}x{g['a'].shape[1]}, the model's "
-                                 f"weight is {shapes[name][0]}x{shapes[name][1]}: a LoRA for another model")
+                                f"weight is {shapes[name][0]}x{shapes[name][1]}: a LoRA for another model")
         base_parts: dict[str, list] = {}
         if base_lora is not None:
             lsd, _ = read_lora(base_lora)

@@ -100,12 +100,12 @@ def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
     """
     if is_official(sd):
         raise UserError(f"{source} is an official URAE 4K adapter file; convert it first "
-                         f"(python -m networks.convert_lora IN OUT --from-urae-official --base MODEL)")
+                        f"(python -m networks.convert_lora IN OUT --from-urae-official --base MODEL)")
     with user_errors(source):
         groups = group_lora_keys(sd)
     if not groups:
         raise UserError(f"{source}: no LoRA weights (lora_down/lora_up or lora_A/lora_B keys) found; "
-                         f"keys look like {sorted(sd)[:3]}")
+                        f"keys look like {sorted(sd)[:3]}")
     table, dtable = _kohya_table(groups), _kohya_diffusers_table(groups)
     known = {s for s in (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")}
     stray = [k for k in sd if not any(k.endswith(s) for s in known)]
@@ -142,7 +142,7 @@ def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
     if foreign:
         what = "none of its modules" if not out else f"{len(foreign)} of its modules"
         raise UserError(f"{source}: LoRA for another model: {what} are FLUX transformer Linear layers, "
-                         f"e.g. {foreign[:3]}")
+                        f"e.g. {foreign[:3]}")
     return out
 
 
