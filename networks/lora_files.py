@@ -177,6 +177,10 @@ def replace_folder(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+def human_size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def check_free_space(dest: Path, needed: int, what: str = "the output") -> None:
     """Refuse before any work when the folder that will hold `dest` has less than `needed` bytes free."""
     folder = dest.parent
@@ -184,7 +188,7 @@ def check_free_space(dest: Path, needed: int, what: str = "the output") -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise UserError(f"{folder}: {free / 1e9:.1f} GB free, but {what} needs about {needed / 1e9:.1f} GB "
+        raise UserError(f"{folder}: {human_size(free)} free, but {what} needs about {human_size(needed)} "
                         f"beside the output (written to a temporary name, then renamed)")
 
 

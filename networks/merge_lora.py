@@ -24,6 +24,7 @@ alpha/rank and scale folded into up, alpha = total rank), so its ΔW is exactly 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ from networks.lora_files import (
     UserError,
     check_free_space,
     file_record,
+    human_size,
     output_folder,
     output_metadata,
     output_path,
@@ -144,7 +146,8 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
         deltas, records = _deltas(ck, loras)
         skip = set(ck.files) | set(ck.other_weights)
         copied = sum(p.stat().st_size for p in ck.root.rglob("*") if p.is_file() and p not in skip) if ck.root else 0
-        check_free_space(out, ck.output_bytes(save_dtype) + copied, "the merged model")
+        need = ck.output_bytes(save_dtype) + copied
+        check_free_space(out, need, "the merged model")
         total = sum(len(ck.keys(f)) for f in ck.files)
         bar = progress_bar(desc="merging tensors", enabled=progress, total=total)
 
@@ -158,27 +161,38 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
                 meta["urae_merged_loras"] = json.dumps(records)
             return meta
 
-        if ck.root is None:
-            write_safetensors_streaming(out, _entries(ck, ck.files[0], save_dtype), produce, file_meta(ck.files[0]))
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            try:
-                rel = ck.weights_dir.relative_to(ck.root)
-                if ck.other_weights:  # copying them unmerged would let a variant load the old weights
-                    print(f"note: not copied (other copies of the transformer weights): "
-                          f"{', '.join(f.name for f in ck.other_weights)}", file=sys.stderr)
-                _copy_tree(ck.root, tmp, skip=skip)
-                for f in ck.files:
-                    write_safetensors_streaming(tmp / rel / f.name, _entries(ck, f, save_dtype), produce, file_meta(f))
-                _fix_index(tmp / rel, save_dtype)
-                set_default_mode(tmp)
-                replace_folder(tmp, out)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
+        try:
+            _write(ck, out, produce, file_meta, save_dtype, skip)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise UserError(f"{out}: the disk filled up while writing (the merged model needs about "
+                            f"{human_size(need)} beside the output); the partial output was removed") from e
         bar.close()
         return {"layout": ck.layout, "changed_weights": len(deltas), "tensors": total, "output": out}
+
+
+def _write(ck: Checkpoint, out: Path, produce, file_meta, save_dtype, skip: set) -> None:
+    """The merged checkpoint at `out`: one streamed file, or a folder built beside it and renamed into place."""
+    if ck.root is None:
+        write_safetensors_streaming(out, _entries(ck, ck.files[0], save_dtype), produce, file_meta(ck.files[0]))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        rel = ck.weights_dir.relative_to(ck.root)
+        if ck.other_weights:  # copying them unmerged would let a variant load the old weights
+            print(f"note: not copied (other copies of the transformer weights): "
+                  f"{', '.join(f.name for f in ck.other_weights)}", file=sys.stderr)
+        _copy_tree(ck.root, tmp, skip=skip)
+        for f in ck.files:
+            write_safetensors_streaming(tmp / rel / f.name, _entries(ck, f, save_dtype), produce, file_meta(f))
+        _fix_index(tmp / rel, save_dtype)
+        set_default_mode(tmp)
+        replace_folder(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _copy_tree(src: Path, dst: Path, skip: set) -> None:

@@ -589,7 +589,8 @@ def test_merge_checks_free_space_before_any_work(tmp_path, shapes, tiny_bfl_chec
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - size // 2, size // 2))
     rc, _, err = run(merge_lora, [tiny_bfl_checkpoint, tmp_path / "m.safetensors", "--lora", tmp_path / "a.safetensors",
                                   "--no-progress"], capsys)
-    assert rc == 2 and f"needs about {size / 1e9:.1f} GB beside the output" in err
+    assert rc == 2 and f"needs about {size / 1e6:.1f} MB beside the output" in err
+    assert lora_files.human_size(23.8e9) == "23.8 GB"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
