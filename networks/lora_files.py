@@ -95,7 +95,7 @@ def run_cli(body) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"interrupted by {e}: stopped, partial output removed", file=sys.stderr)
+        print(f"interrupted by {e}: stopped; no partial output is left", file=sys.stderr)
         return 128 + e.signum
     finally:
         for s, h in previous.items():

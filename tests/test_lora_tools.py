@@ -575,7 +575,7 @@ def test_merge_interrupted_by_a_signal_removes_its_partial_output(tmp_path, shap
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + getattr(signal, signame)
-    assert err == f"interrupted by {signame}: stopped, partial output removed\n"
+    assert err == f"interrupted by {signame}: stopped; no partial output is left\n"
     assert not out.exists() and os.listdir(tmp_path) == ["a.safetensors"]
 
 
