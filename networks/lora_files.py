@@ -105,7 +105,7 @@ def run_cli(body) -> int:
 def _one_line(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename:
         return f"{e.filename}: {e.strerror}"
-    return str(e)
+    return " ".join(str(e).split())
 
 
 def progress_bar(items=None, desc: str = "", enabled: bool = True, total: int | None = None):
