@@ -260,6 +260,10 @@ def rank_note(meta: dict, info: dict) -> str | None:
     return note
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K" if n >= 1e3 else str(n)
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -277,7 +281,7 @@ def format_text(info: dict) -> str:
         f"  ranks:     {counts(info['ranks'])}" + (f"\n             ({info['rank_note']})"
                                                      if info.get("rank_note") else ""),
         f"  alphas:    {counts(info['alphas'])}   effective scale alpha/rank: {counts(info['scales'])}",
-        f"  dtype:     {counts(info['dtypes'])}",
+        f"  dtype:     {counts(info['dtypes'])}" + (f"   parameters: {_count(info['params'])}" if "params" in info else ""),
         f"  targets:   {info['diffusers_layers']} diffusers Linear layers: {info['urae_layers']} URAE layers"
         + (" (the full FLUX.1 URAE set)" if info["urae_layers"] == FLUX_URAE_LAYERS else "")
         + (f" + {info['other_layers']} others" if info["other_layers"] else ""),

@@ -686,7 +686,7 @@ def test_minor_adapter_ranks_explained_in_inspect_and_extract(tmp_path, base, ti
     trained_minor(net, 0.05)
     net.save_weights(tmp_path / "minor.safetensors", None, {})
     rc, out, _ = run(inspect_lora, [tmp_path / "minor.safetensors"], capsys)
-    assert rc == 0 and "ranks:     4\n" in out
+    assert rc == 0 and "ranks:     4\n" in out and "parameters: 3.6 K" in out  # 14 layers x (4x32 + 32x4)
     assert "trained at rank 2 with init=minor: each adapted layer holds 2 trained + 2 frozen minor components" in out
     assert "extract_lora needs --rank 4" in out
     assert "2 trained + 2 frozen" in inspect_lora.describe(tmp_path / "minor.safetensors")["rank_note"]
