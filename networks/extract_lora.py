@@ -78,7 +78,7 @@ def rounding_floor(stored: torch.Tensor) -> float:
     """Expected ||round(x) − x||_F of the values `stored` holds after rounding to its dtype: each element's
     error is uniform within half a unit in the last place (ulp), so its mean square is ulp² / 12.
 
-    Counted from the exponent bits (a histogram, not a pass of float maths: 3072² takes milliseconds);
+    Counted from a histogram of the exponent bits (about 0.2–0.4 s for 3072² on 2 CPU cores, a fifth of its SVD);
     zeros and subnormals, whose rounding is negligible, are left out."""
     if stored.dtype not in _FLOAT_BITS:
         return 0.0
