@@ -719,6 +719,13 @@ def test_convert_refreshes_rank_metadata_and_keeps_a_stale_structure_only_as_the
     assert "urae_source_structure" in inspect_lora.describe(tmp_path / "k.safetensors")["urae_metadata"]
     assert meta["p"]["ss_network_dim"] == "4" and meta["p"]["urae_structure"] == meta["ours"]["urae_structure"]
     assert "urae_source_structure" not in meta["p"]
+    # --no_metadata keeps what minor_lora resumes from.
+    from networks.minor_lora import create_network_from_weights
+
+    assert run(convert_lora, [tmp_path / "ours.safetensors", tmp_path / "n.safetensors", "--to", "peft",
+                              "--no_metadata"], capsys)[0] == 0
+    assert not any(k.startswith("ss_") for k in safe_open(str(tmp_path / "n.safetensors"), "pt").metadata())
+    assert create_network_from_weights(1.0, str(tmp_path / "n.safetensors"), None, None, base)[0].init == "minor"
 
 
 def test_tools_write_names_and_hashes_not_paths_and_offer_no_metadata(tmp_path, shapes, tiny_bfl_checkpoint,
