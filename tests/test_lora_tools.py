@@ -555,6 +555,7 @@ def test_merge_interrupted_by_a_signal_removes_its_partial_output(tmp_path, shap
     import signal
     import subprocess
     import sys
+    import threading
     from pathlib import Path
 
     save_file(peft_lora(shapes, urae_names(shapes), rank=2), tmp_path / "a.safetensors")
@@ -564,6 +565,8 @@ def test_merge_interrupted_by_a_signal_removes_its_partial_output(tmp_path, shap
                              str(tmp_path / "a.safetensors"), "--no-progress"],
                             cwd=Path(merge_lora.__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    watchdog = threading.Timer(120, proc.kill)  # a merge that never reaches the write must not hang the suite
+    watchdog.start()
     try:
         while (line := proc.stdout.readline()) and line.strip() != "writing":
             pass
@@ -572,6 +575,7 @@ def test_merge_interrupted_by_a_signal_removes_its_partial_output(tmp_path, shap
         proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + getattr(signal, signame)
