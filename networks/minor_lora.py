@@ -33,7 +33,8 @@ network_args (all strings, as sd-scripts passes them):
   rank_pattern="regex:16;regex2:0"   alpha_pattern="regex:8"   (first match wins, rank 0 skips)
   dropout / rank_dropout / module_dropout (as sd-scripts; they act on the change only)
   init_cache=path            base_lora=path (a LoRA fused into W before the SVD, see below)
-  svd_weights=path           full-precision transformer file the SVD reads W from (for a base stored in fp8)
+  svd_weights=path           full-precision transformer (file or folder of shards) the SVD reads W from,
+                             for a base stored in fp8
   train_t5xxl=True           runtime='{"ntk_factor": 10, ...}' (stored in saved files)
   loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio
 
@@ -648,24 +649,34 @@ def _is_fp8(t: torch.Tensor) -> bool:
 
 
 class _FileWeights:
-    """Transformer weights read one tensor at a time from a safetensors file (diffusers or BFL names, with or
-    without the single-file `model.diffusion_model.` prefix)."""
+    """Transformer weights read one tensor at a time from a safetensors file or a folder of them (a sharded
+    diffusers transformer); diffusers or BFL names, with or without the single-file prefix."""
 
     PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "transformer.")
 
     def __init__(self, path):
-        self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"svd_weights {self.path}: no such file")
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        else:
+            self.files = [path] if os.path.isfile(path) else []
+        if not self.files:
+            raise FileNotFoundError(f"svd_weights {path}: no such file, nor a folder with .safetensors files")
+        self._where: dict[str, str] | None = None
 
     def __call__(self, module_path: str) -> torch.Tensor | None:
         from safetensors import safe_open
 
-        with safe_open(self.path, framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            for prefix in self.PREFIXES:
-                if f"{prefix}{module_path}.weight" in keys:
-                    return f.get_tensor(f"{prefix}{module_path}.weight")
+        if self._where is None:  # key -> file, read once from the headers
+            self._where = {}
+            for file in self.files:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    self._where.update(dict.fromkeys(f.keys(), file))
+        for prefix in self.PREFIXES:
+            key = f"{prefix}{module_path}.weight"
+            if key in self._where:
+                with safe_open(self._where[key], framework="pt", device="cpu") as f:
+                    return f.get_tensor(key)
         return None
 
 
@@ -731,17 +742,18 @@ class SVDInit:
         """The rows of W the slice adapts, as stored (before any base LoRA)."""
         lo, s = job.lora, job.slice
         w = self.weights(lo.org_path) if lo.te is None else None
-        if w is None:
+        given = w is not None
+        if not given:
             w = lo.org_module_ref[0].weight
-            if _is_fp8(w):
-                raise ValueError(
-                    f"{lo.lora_name}: the base weight is stored as {w.dtype}; its rounding is larger than the minor "
-                    f"components, so the SVD needs the full-precision weights: initialise the network before the "
-                    f"weights are quantised, or pass svd_weights=<the bf16/fp32 model file>"
-                )
         elif tuple(w.shape) != (lo.out_features, lo.in_features):
             raise ValueError(f"svd_weights: {lo.org_path} has shape {tuple(w.shape)}, the model's Linear "
                              f"{(lo.out_features, lo.in_features)}")
+        if _is_fp8(w):
+            raise ValueError(
+                f"{lo.lora_name}: the {'given' if given else 'base'} weight is stored as {w.dtype}; its rounding is "
+                f"larger than the minor components, so the SVD needs the full-precision weights: initialise the "
+                f"network before the weights are quantised, or pass svd_weights=<the bf16/fp32 model file>"
+            )
         return w.detach()[s.start: s.stop]
 
     def effective_weight(self, job: SVDJob) -> torch.Tensor:
@@ -1174,15 +1186,16 @@ def export_loras(loras: list[MinorLoRAModule], layout: str) -> tuple[dict, dict]
     return tensors, structure
 
 
-def _file_ranks(structure: dict) -> set[int]:
-    return {sum(seg[2] for seg in e["segments"]) for e in structure.values()}
+def _file_rank(entry: dict) -> int:
+    """Rank of one module's tensors in the file, from its `urae_structure` entry."""
+    return sum(ExportSegment._make(seg).rank for seg in entry["segments"])
 
 
 def _file_alpha(structure: dict):
     alphas = set()
     for e in structure.values():
         s = e["slices"][0]
-        alphas.add(s["alpha"] / s["rank"] * sum(seg[2] for seg in e["segments"]) if s["rank"] else 0)
+        alphas.add(s["alpha"] / s["rank"] * _file_rank(e) if s["rank"] else 0)
     return alphas.pop() if len(alphas) == 1 else "mixed"
 
 
@@ -1415,12 +1428,15 @@ class MinorLoRANetwork(nn.Module):
                    for s in lo.slices)
 
     def describe_rank(self) -> str:
-        """The rank in words: minor/major files hold r trained + r frozen components, i.e. rank 2r."""
+        """The rank in words: minor/major files hold r trained + r frozen components, i.e. rank 2r (plus the
+        rank of a stacked base LoRA)."""
         r = self.lora_dim
+        base = max((f.down.shape[0] for lo in self.unet_loras for f in lo.base_factors), default=0)
+        plus = f" + {base} of the base LoRA" if base else ""
         if self.init == "plain":
-            return f"rank {r} (saved files: rank {r})"
-        return (f"rank {r} (saved files hold the exact change as a standard LoRA of rank {2 * r}: "
-                f"{r} trained + {r} frozen {self.init} components)")
+            return f"rank {r} (saved files: rank {r + base}" + (f": {r} trained{plus})" if base else ")")
+        return (f"rank {r} (saved files hold each target's exact change as a standard LoRA of rank {2 * r + base}: "
+                f"{r} trained + {r} frozen {self.init} components{plus})")
 
     # ---- base LoRA (stacking on a fused LoRA) ----
 
@@ -1430,10 +1446,6 @@ class MinorLoRANetwork(nn.Module):
             raise RuntimeError("fuse_base_lora must be called before the SVD initialisation")
         self.base_lora = lora
         self._attach_base_lora(lora)
-
-    def set_runtime_settings(self, settings: dict):
-        """High-res runtime settings (NTK factor, proportional attention, ...) to record in saved files."""
-        self.runtime_settings = dict(settings)
 
     def _attach_base_lora(self, base):
         """Store a LoRA's delta per targeted slice as frozen factors (the SVD then sees W + delta)."""
@@ -1621,7 +1633,7 @@ class MinorLoRANetwork(nn.Module):
         """
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         ranks = {s["rank"] for e in structure.values() for s in e["slices"]}
-        file_ranks = _file_ranks(structure)
+        file_ranks = {_file_rank(e) for e in structure.values()}
         args = {"init": self.init, "targets": self.targets}
         if self.init == "plain":
             args["plain_init"] = self.plain_init

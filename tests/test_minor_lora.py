@@ -1023,9 +1023,18 @@ def test_adapter_on_fp8_stored_base(storage, tmp_path):
     assert lin.weight.dtype == torch.float8_e4m3fn
     with pytest.raises(ValueError, match="float8_e4m3fn.*svd_weights"):
         q.initialize()  # the SVD of the rounded weights would not find W's minor components
-    file = tmp_path / "full.safetensors"
-    save_file({f"{n}.weight": w for n, w in full.items()}, str(file))
-    q.set_svd_weights(str(file))  # the full-precision model file, as svd_weights= in network_args
+    # the full-precision model, as svd_weights= in network_args: one file, or a folder of shards (diffusers)
+    tensors = {f"{n}.weight": w for n, w in full.items()}
+    if storage == "pre_hook":
+        source = tmp_path / "full.safetensors"
+        save_file(tensors, str(source))
+    else:
+        source = tmp_path / "transformer"
+        source.mkdir()
+        keys = sorted(tensors)
+        for j, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+            save_file({k: tensors[k] for k in part}, str(source / f"model-0000{j + 1}-of-00002.safetensors"))
+    q.set_svd_weights(str(source))
     q.initialize()
     perturb(q, seed=6)
     a, b = _state(ref), _state(q)
