@@ -91,8 +91,9 @@ PEFT_TE = ("text_encoder", "text_encoder_2")
 INITS = ("minor", "major", "plain")
 PLAIN_INITS = ("kaiming", "gaussian")
 
-# This file must work copied alone into sd-scripts, so it keeps its own dtype-name table and boolean
-# parser instead of importing the project's: the one accepted duplicate of each.
+# This file must work copied alone into sd-scripts, so it keeps its own dtype-name table, boolean parser and
+# count formatter (urae.train_plan.human_count) instead of importing the project's: the one accepted duplicate
+# of each.
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -122,10 +123,10 @@ def _as_float(v):
 
 
 def format_count(n: int) -> str:
-    """A parameter count as people read it: 512, 7.2 K, 18.7 M, 1.2 B."""
+    """A parameter count as people read it (3 significant digits): 512, 7.17 K, 18.7 M, 1.2 B."""
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
+            return f"{n / div:.3g} {unit}"
     return str(int(n))
 
 
