@@ -1035,6 +1035,8 @@ def test_adapter_on_fp8_stored_base(storage, tmp_path):
         for j, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
             save_file({k: tensors[k] for k in part}, str(source / f"model-0000{j + 1}-of-00002.safetensors"))
     q.set_svd_weights(str(source))
+    with pytest.raises(FileNotFoundError, match="svd_weights .*nope"):  # a wrong path fails before any work
+        make(tiny(), "minor", svd_weights=str(tmp_path / "nope.safetensors"))
     q.initialize()
     perturb(q, seed=6)
     a, b = _state(ref), _state(q)
