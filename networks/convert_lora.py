@@ -302,29 +302,33 @@ def _describes(structure: dict, ranks: dict[str, int]) -> bool:
 def refreshed_metadata(tensors: dict, meta: dict, source: str = "LoRA file") -> dict:
     """Metadata that still describes `tensors` after a conversion.
 
-    sd-scripts' ss_network_dim / ss_network_alpha follow the written ranks (fusing q/k/v adds them).
     minor_lora's `urae_structure` names the modules of the file it wrote; where it no longer does (another
     form or layout) it is kept as `urae_source_structure`, which minor_lora ignores and which becomes
-    `urae_structure` again when a later conversion gives back the modules it names.
+    `urae_structure` again when a later conversion gives back the modules it names. sd-scripts'
+    ss_network_dim / ss_network_alpha are the trained rank and alpha where that structure still holds (as
+    minor_lora writes them; `urae_export_rank` is the rank of the tensors), else the written ranks (fusing
+    q/k/v adds them).
     """
     meta = dict(meta)
     recs = lora_modules(tensors, source)
     ranks = {r["key"]: r["rank"] for r in recs}
     dim = max(ranks.values())
-    if meta.get("ss_network_dim") not in (None, str(dim)):
-        meta["ss_network_dim"] = str(dim)
-    if "ss_network_alpha" in meta:
-        scales = {round(r["scale"], 6) for r in recs}
-        alpha = float(scales.pop() * dim) if len(scales) == 1 else None
-        try:
-            same = alpha is not None and abs(float(meta["ss_network_alpha"]) - alpha) <= 1e-6 * max(alpha, 1.0)
-        except ValueError:
-            same = False
-        if not same:
-            meta["ss_network_alpha"] = str(alpha) if alpha is not None else "mixed"
+    scales = {round(r["scale"], 6) for r in recs}
+    alpha = float(scales.pop() * dim) if len(scales) == 1 else None
     text = meta.pop("urae_structure", None) or meta.pop("urae_source_structure", None)
+    kept = bool(text) and _describes(json.loads(text), ranks)
     if text:
-        meta["urae_structure" if _describes(json.loads(text), ranks) else "urae_source_structure"] = text
+        meta["urae_structure" if kept else "urae_source_structure"] = text
+    if "urae_export_rank" in meta:
+        meta["urae_export_rank"] = str(dim)
+        meta["urae_export_alpha"] = str(alpha) if alpha is not None else "mixed"
+    if kept and "urae_rank" in meta:
+        trained = {"ss_network_dim": meta["urae_rank"], "ss_network_alpha": meta.get("urae_alpha")}
+    else:
+        trained = {"ss_network_dim": str(dim), "ss_network_alpha": str(alpha) if alpha is not None else "mixed"}
+    for key, value in trained.items():
+        if key in meta and value is not None:
+            meta[key] = value
     return meta
 
 

@@ -715,13 +715,16 @@ def test_convert_refreshes_rank_metadata_and_keeps_a_stale_structure_only_as_the
         assert run(convert_lora, [tmp_path / f"{src}.safetensors", tmp_path / f"{dst}.safetensors", "--to", form],
                    capsys)[0] == 0
     meta = {n: safe_open(str(tmp_path / f"{n}.safetensors"), "pt").metadata() for n in ("ours", "k", "p")}
-    assert meta["ours"]["ss_network_dim"] == "4" and meta["ours"]["ss_network_alpha"] == "4.0"
+    # trained rank 2 (as sd-scripts writes it); the file's tensors are rank 2r = 4
+    assert meta["ours"]["ss_network_dim"] == "2" and meta["ours"]["urae_export_rank"] == "4"
     # Fused qkv/linear1 hold 3 (or 3 + MLP) slices of rank 4 side by side.
     ranks = inspect_lora.describe(tmp_path / "k.safetensors")["ranks"]
     assert meta["k"]["ss_network_dim"] == str(max(ranks)) == "12" and meta["k"]["ss_network_alpha"] == "12.0"
     assert "urae_structure" not in meta["k"] and meta["k"]["urae_source_structure"] == meta["ours"]["urae_structure"]
     assert "urae_source_structure" in inspect_lora.describe(tmp_path / "k.safetensors")["urae_metadata"]
-    assert meta["p"]["ss_network_dim"] == "4" and meta["p"]["urae_structure"] == meta["ours"]["urae_structure"]
+    assert meta["k"]["urae_export_rank"] == "12"
+    assert meta["p"]["ss_network_dim"] == "2" and meta["p"]["urae_structure"] == meta["ours"]["urae_structure"]
+    assert meta["p"]["urae_export_rank"] == "4"
     assert "urae_source_structure" not in meta["p"]
     # --no_metadata keeps what minor_lora resumes from.
     from networks.minor_lora import create_network_from_weights
