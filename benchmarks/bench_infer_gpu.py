@@ -293,6 +293,7 @@ class KernelProbe:
         self.prof = None
         self.mode: _SdpaCall | None = None
         self.error: str | None = None
+        self.active = False
 
     def start(self):
         from torch.profiler import ProfilerActivity, profile
@@ -305,14 +306,20 @@ class KernelProbe:
             self.prof, self.error = None, f"profiler failed: {e}"
         self.mode = _SdpaCall()
         self.mode.__enter__()
+        self.active = True
 
     def stop(self):
-        if self.mode is not None and self.prof is not None:
-            self.dev.sync()
-        if self.mode is not None:
-            self.mode.__exit__(None, None, None)
+        """Idempotent: the step callback stops it, or the row's clean-up when the row ended before that step."""
+        if not self.active:
+            return
+        self.active = False
+        self.dev.sync()
+        self.mode.__exit__(None, None, None)
         if self.prof is not None:
-            self.prof.__exit__(None, None, None)
+            try:
+                self.prof.__exit__(None, None, None)
+            except Exception as e:
+                self.prof, self.error = None, f"profiler failed: {e}"
 
     def summary(self) -> dict:
         backends: collections.Counter = collections.Counter()
@@ -424,8 +431,7 @@ def run_row(pipe, cfg: dict, size: int, proportional: bool, embeds, dev: Device,
             raise
         status = f"OOM after {len(marks)} step(s)"
     finally:
-        if len(marks) < warmup:
-            probe.stop()
+        probe.stop()  # still running when the row ended before its profiled step
     dev.sync()
     end = time.perf_counter()
     row.setdefault("peak_denoise_gib", dev.peaks()[0])

@@ -17,7 +17,7 @@ out=${OUT:-out/gpu}
 py=${PYTHON:-python3}
 start=$SECONDS
 mkdir -p "$out"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT_USER_ACTION=ignore
 
 if compgen -G "wheels/*.whl" >/dev/null; then
     # --target keeps the image's own packages untouched; --no-deps: everything else is already there
