@@ -31,7 +31,7 @@ def test_benchmarks_quick_cpu(tmp_path):
     outs = {}
     for k, p in procs.items():
         try:
-            outs[k] = p.communicate(timeout=400)[0]
+            outs[k] = p.communicate(timeout=600)[0]
         except subprocess.TimeoutExpired:
             for q in procs.values():
                 q.kill()
@@ -184,3 +184,27 @@ def test_decode_estimate():
     assert decode_estimate({}, 4096) == 0.0
     assert decode_estimate({1024: 1.0, 4096: 9.0}, 4096) == 9.0  # measured at that size: as measured
     assert decode_estimate({1024: 1.0, 2048: 3.0}, 4096) == 24.0  # else the largest, by pixels, doubled
+
+
+def test_the_gpu_report(capsys):
+    """The report's GPU-only parts (memory columns, kernel names, the 4096² verdict) from a GPU-shaped result."""
+    from benchmarks.bench_infer_gpu import FLUX_DEV_TRANSFORMER, Device, flops_per_pass, print_report
+
+    f = flops_per_pass(FLUX_DEV_TRANSFORMER, 4096, 4096)
+    attention = {"kernel": "flash x57", "gpu_kernels_ms": [["pytorch_flash::flash_fwd_kernel", 2500.0]]}
+    row = {"size": 4096, "proportional_attention": True, "ntk_factor": 10.0, "status": "ok", "s_per_step": 5.0,
+           "tflops": f / 5.0 / 1e12, "denoise_image_s": 140.0, "decode_s": 10.0, "image_s": 150.0, "flop_per_step": f,
+           "peak_denoise_gib": 30.0, "reserved_denoise_gib": 32.5, "peak_gib": 41.0, "reserved_gib": 44.0,
+           "attention": attention}
+    results = {"matmul_ceiling": {"tflops": 790.0}, "image_steps": 28, "warmup_steps": 2, "timed_steps": 5,
+               "rows": [row], "skipped": [{"size": 4096, "proportional_attention": False, "estimated_s": 60.0,
+                                           "left_s": 20.0}], "sdpa_layouts": [], "vae": []}
+    print_report(results, Device(cpu=True), tiny=False)
+    out = capsys.readouterr().out
+    assert re.search(r"4096x4096\s+on\s+10\s+5\.0000\s+781\.6\s+99%\s+140\.00\s+10\.00\s+150\.00\s+30\.0/32\.5\s+"
+                     r"41\.0/44\.0\s+flash x57", out), out
+    assert re.search(r"4096x4096\s+off\s+skipped for the budget: needs ~60 s, 20 s were left", out)
+    assert "2500.00  pytorch_flash::flash_fwd_kernel" in out
+    # 28 x 5 s + 10 s decode = 150 s; the goal's 180 s leave 170 s for 28 steps of 3.908 PFLOP = 644 TFLOP/s
+    assert re.search(r"URAE runtime: 150 s = 2\.50 min .* goal <= 3 min: met .* 99% of this GPU's measured bf16 "
+                     r"matmul ceiling \(790 TFLOP/s\); the goal needs 644 TFLOP/s", out), out
