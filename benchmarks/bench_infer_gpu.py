@@ -28,26 +28,20 @@ Without CUDA the same script runs the tiny configuration (urae.tiny) on the CPU 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import gc
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.gpu_probes import Device, KernelProbe, SdpaCall, is_oom, matmul_ceiling, probe_backends  # noqa: E402
 
 FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -86,43 +80,6 @@ def params_estimate_flops(n_params: float, width: int, height: int, cfg: dict, t
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     n = (height // 16) * (width // 16) + txt
     return 2 * n_params * n + (cfg["num_layers"] + cfg["num_single_layers"]) * 4 * d * n * n
-
-
-class Device:
-    def __init__(self, cpu: bool, dtype: str | None = None):
-        self.cuda = torch.cuda.is_available() and not cpu
-        self.torch = torch.device("cuda" if self.cuda else "cpu")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            dtype or ("bf16" if self.cuda else "fp32")]
-        self.name = torch.cuda.get_device_name() if self.cuda else f"CPU ({platform.processor() or 'unknown'}, " \
-                                                                    f"{os.cpu_count()} cores)"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def reset_peak(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-
-    def peaks(self) -> tuple[float | None, float | None]:
-        """GiB since the last reset: peak allocated by tensors, and peak reserved by the caching allocator
-        (what the card must really hold: allocated plus the allocator's cached, fragmented blocks)."""
-        if not self.cuda:
-            return None, None
-        return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-
-    def allocated_gib(self) -> float | None:
-        return torch.cuda.memory_allocated() / 2**30 if self.cuda else None
-
-    def free(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 @contextlib.contextmanager
@@ -206,7 +163,7 @@ def bench_vae(vae, size: int, dev: Device) -> list[dict]:
             del out
         except RuntimeError as e:  # OOM, or a kernel's size limit (4096² x 128 channels is 2^31 elements)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            row.update(seconds=None, status="OOM" if _is_oom(e) else f"failed: {first[:100]}")
+            row.update(seconds=None, status="OOM" if is_oom(e) else f"failed: {first[:100]}")
             row["peak_gib"], row["reserved_gib"] = dev.peaks()
         finally:
             vae.use_tiling = False  # generate() decides tiling per size from here on
@@ -224,164 +181,12 @@ def make_pipeline(transformer, vae):
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
-def matmul_ceiling(dev: Device, warmup: int = 3, reps: int = 10) -> dict:
-    """This device's dense matmul rate in the benchmark's dtype: the denominator of every efficiency figure.
-
-    A square product and one at FLUX's MLP shape (2048² tokens x 3072 -> 12288); the faster is the ceiling."""
-    shapes = [(8192, 8192, 8192), (16896, 3072, 12288)] if dev.cuda else [(512, 512, 512)]
-    g = torch.Generator(dev.torch).manual_seed(0)
-    rows = []
-    for m, k, n in shapes:
-        a = torch.randn(m, k, generator=g, device=dev.torch, dtype=dev.dtype)
-        b = torch.randn(k, n, generator=g, device=dev.torch, dtype=dev.dtype)
-        for _ in range(warmup):
-            c = a @ b
-        dev.sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            c = a @ b
-        dev.sync()
-        dt = (time.perf_counter() - t0) / reps
-        rows.append({"m": m, "k": k, "n": n, "seconds": dt, "tflops": 2 * m * k * n / dt / 1e12})
-        del a, b, c
-    dev.free()
-    return {"dtype": str(dev.dtype).removeprefix("torch."), "shapes": rows, "tflops": max(r["tflops"] for r in rows)}
-
-
-# aten op names of the SDPA backends (torch.profiler and the dispatcher use them), most specific first
-SDPA_BACKENDS = (("cudnn", "cuDNN"), ("flash", "flash"), ("efficient", "memory-efficient"), ("math", "math"),
-                 ("overrideable", "overrideable"))
-ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|cudnn|sdpa|softmax", re.I)
-
-
-def sdpa_backend(op_name: str) -> str | None:
-    """'aten::_scaled_dot_product_flash_attention' -> 'flash'; None for the dispatching op and everything else."""
-    if "_scaled_dot_product" not in op_name:
-        return None
-    for key, label in SDPA_BACKENDS:
-        if key in op_name:
-            return label + (" (CPU)" if "for_cpu" in op_name else "")
-    return None
-
-
-class _SdpaCall(TorchFunctionMode):
-    """Keeps the first F.scaled_dot_product_attention call's inputs as diffusers passed them (permuted views)."""
-
-    def __init__(self):
-        super().__init__()
-        self.call: dict | None = None
-        self.args: tuple | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.call is None and func is F.scaled_dot_product_attention:
-            qkv = [t for t in (*args[:3], *(kwargs.get(n) for n in ("query", "key", "value"))) if torch.is_tensor(t)]
-            other = {k: v for k, v in kwargs.items() if k not in ("query", "key", "value")}
-            self.call = {"shapes": [list(t.shape) for t in qkv], "strides": [list(t.stride()) for t in qkv],
-                         "contiguous": [t.is_contiguous() for t in qkv], "dtype": str(qkv[0].dtype).removeprefix("torch."),
-                         "positional": len(args), "kwargs": {k: (v if not torch.is_tensor(v) else f"tensor {list(v.shape)}")
-                                                           for k, v in other.items()}}
-            self.args = (args[3:], other)  # mask and flags beyond q/k/v, for the backend probe
-        return func(*args, **kwargs)
-
-
-class KernelProbe:
-    """torch.profiler plus the SDPA call's layout, over one denoising step; reports which attention kernel ran."""
-
-    def __init__(self, dev: Device):
-        self.dev = dev
-        self.prof = None
-        self.mode: _SdpaCall | None = None
-        self.error: str | None = None
-        self.active = False
-
-    def start(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.cuda else [])
-        try:
-            self.prof = profile(activities=acts)
-            self.prof.__enter__()
-        except Exception as e:  # a profiler that cannot start must not cost the row its timings
-            self.prof, self.error = None, f"profiler failed: {e}"
-        self.mode = _SdpaCall()
-        self.mode.__enter__()
-        self.active = True
-
-    def stop(self):
-        """Idempotent: the step callback stops it, or the row's clean-up when the row ended before that step."""
-        if not self.active:
-            return
-        self.active = False
-        self.dev.sync()
-        self.mode.__exit__(None, None, None)
-        if self.prof is not None:
-            try:
-                self.prof.__exit__(None, None, None)
-            except Exception as e:
-                self.prof, self.error = None, f"profiler failed: {e}"
-
-    def summary(self) -> dict:
-        backends: collections.Counter = collections.Counter()
-        kernels: dict[str, float] = collections.defaultdict(float)
-        if self.prof is not None:
-            from torch.autograd import DeviceType
-
-            for e in self.prof.events():
-                if e.device_type == DeviceType.CUDA:
-                    if ATTENTION_KERNEL.search(e.name):
-                        kernels[e.name] += e.time_range.elapsed_us() / 1e3
-                elif label := sdpa_backend(e.name):
-                    backends[label] += 1
-        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:4]
-        return {"backends": dict(backends), "kernel": " + ".join(f"{k} x{n}" for k, n in backends.items()) or
-                ("no SDPA call seen" if self.error is None else self.error),
-                "gpu_kernels_ms": [[name[:160], round(ms, 3)] for name, ms in top],
-                "sdpa_call": self.mode.call if self.mode else None, "error": self.error}
-
-
-def probe_backends(mode: _SdpaCall, dev: Device, reps: int = 2) -> dict:
-    """Each SDPA backend forced on q/k/v of exactly the captured shapes, strides and dtype: runs (ms) or why not."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    call = mode.call
-    extra, kwargs = mode.args
-    if any(torch.is_tensor(x) for x in (*extra, *kwargs.values())):
-        return {"skipped": "the call passed a tensor beyond q/k/v (a mask); not reproduced"}
-    g = torch.Generator(dev.torch).manual_seed(0)
-
-    def like(shape, stride):
-        t = torch.empty_strided(shape, stride, dtype=getattr(torch, call["dtype"]), device=dev.torch)
-        return t.normal_(generator=g)
-
-    q, k, v = (like(s, st) for s, st in zip(call["shapes"], call["strides"]))
-    out = {}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
-                          ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
-        with warnings.catch_warnings(record=True) as seen, torch.no_grad():
-            warnings.simplefilter("always")
-            try:
-                with sdpa_kernel([backend]):
-                    F.scaled_dot_product_attention(q, k, v, *extra, **kwargs)  # first call: kernel selection
-                    dev.sync()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        F.scaled_dot_product_attention(q, k, v, *extra, **kwargs)
-                    dev.sync()
-                out[name] = {"status": "ok", "ms": (time.perf_counter() - t0) / reps * 1e3}
-            except RuntimeError as e:  # "no viable backend" (torch warns why), or out of memory
-                why = [str(w.message).strip().splitlines()[0] for w in seen] or [str(e).strip().splitlines()[0]]
-                out[name] = {"status": "OOM" if _is_oom(e) else "unavailable", "why": why[0][:200]}
-        dev.free()
-    return out
-
-
 class _OverBudget(Exception):
     """Raised from the step callback: the row's remaining steps and decode would run past the time budget."""
 
 
 def run_row(pipe, cfg: dict, size: int, proportional: bool, embeds, dev: Device, *, warmup: int, timed: int,
-            image_steps: int, left, decode_est: float) -> tuple[dict, _SdpaCall | None]:
+            image_steps: int, left, decode_est: float) -> tuple[dict, SdpaCall | None]:
     """Warm-up steps at this size, timed steps, then inference's own decode; the step marks split them apart.
 
     left(): seconds of the budget left; before each step the row stops if the rest would not fit."""
@@ -427,7 +232,7 @@ def run_row(pipe, cfg: dict, size: int, proportional: bool, embeds, dev: Device,
     except _OverBudget as e:
         status = str(e)
     except RuntimeError as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         status = f"OOM after {len(marks)} step(s)"
     finally:

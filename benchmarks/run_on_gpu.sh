@@ -11,6 +11,10 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-540}
+if ! [[ $budget =~ ^[0-9]+$ ]]; then
+    echo "error: BUDGET_SECONDS must be a whole number of seconds, got '$budget'" >&2
+    exit 2
+fi
 shift $(( $# > 0 ? 1 : 0 ))
 extra=("$@")
 out=${OUT:-out/gpu}

@@ -155,7 +155,7 @@ def test_a_row_stops_inside_when_the_budget_runs_out():
 def test_the_recorded_kernel_is_the_one_that_ran(backend, label):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from benchmarks.bench_infer_gpu import Device, KernelProbe
+    from benchmarks.gpu_probes import Device, KernelProbe
 
     q, k, v = (torch.randn(1, 40, 2, 8).permute(0, 2, 1, 3) for _ in range(3))  # [B, S, H, D] viewed as [B, H, S, D]
     probe = KernelProbe(Device(cpu=True))
@@ -208,3 +208,11 @@ def test_the_gpu_report(capsys):
     # 28 x 5 s + 10 s decode = 150 s; the goal's 180 s leave 170 s for 28 steps of 3.908 PFLOP = 644 TFLOP/s
     assert re.search(r"URAE runtime: 150 s = 2\.50 min .* goal <= 3 min: met .* 99% of this GPU's measured bf16 "
                      r"matmul ceiling \(790 TFLOP/s\); the goal needs 644 TFLOP/s", out), out
+
+
+def test_gpu_script_refuses_a_bad_budget(tmp_path):
+    r = subprocess.run(["bash", "benchmarks/run_on_gpu.sh", "9m"], cwd=ROOT, env={**ENV, "OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: BUDGET_SECONDS must be a whole number of seconds, "
+                                                       "got '9m'\n")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was installed or written
