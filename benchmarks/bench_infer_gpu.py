@@ -189,7 +189,8 @@ def run_row(pipe, cfg: dict, size: int, proportional: bool, embeds, dev: Device,
             image_steps: int, left, decode_est: float) -> tuple[dict, SdpaCall | None]:
     """Warm-up steps at this size, timed steps, then inference's own decode; the step marks split them apart.
 
-    left(): seconds of the budget left; before each step the row stops if the rest would not fit."""
+    left(): seconds of the budget left; after each step the row stops if the steps still to run and the decode
+    would not fit in it."""
     from urae.runtime import HighResSettings
     from urae.sampling import SampleRequest, generate
     from urae.vae_decode import SPLIT_DECODE_PIXELS
