@@ -8,6 +8,7 @@
 # BUDGET_SECONDS (default 540) bounds the whole script, install included; EXTRA ARGS go to every benchmark
 # (e.g. `--quick --cpu` for a dry run without a GPU). The machine has no registry: wheels/ must hold every
 # package its image lacks (diffusers, prodigyopt, toml), downloaded beforehand with `pip download`.
+# PYTHON (default python3) runs the benchmarks. Exit status 1 when a benchmark failed or was killed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-540}
@@ -20,6 +21,7 @@ extra=("$@")
 out=${OUT:-out/gpu}
 py=${PYTHON:-python3}
 start=$SECONDS
+status=0
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT_USER_ACTION=ignore
 
@@ -57,6 +59,7 @@ bench() {
     timeout -k 5 "$share" "$@" --budget-seconds $(( share - 20 )) --json "$out/$name.json" "${extra[@]}" 2>&1 \
         | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
+    (( rc == 0 )) || status=1
     echo "$name: exit $rc after $(( SECONDS - t0 )) s$( (( rc == 124 || rc == 137 )) && echo ' (killed at its share)')" \
         | tee -a "$out/summary.txt"
 }
@@ -65,3 +68,4 @@ bench() {
 bench infer 480 "$py" benchmarks/bench_infer_gpu.py
 
 echo "total $(( SECONDS - start )) s of ${budget} s" | tee -a "$out/summary.txt"
+exit $status
