@@ -9,10 +9,14 @@ from urae.flow import flow_loss
 from urae.memory import (
     MemoryConfigError,
     MemoryOptions,
+    bytes_moved_per_step,
     check_memory_options,
+    choose_memory,
+    estimate_peak_bytes,
     setup_memory,
     transformer_blocks,
 )
+from urae.memory.auto import usable_bytes
 from urae.memory.fp8 import FP8, block_linears
 from urae.tiny import build_transformer
 
@@ -169,3 +173,46 @@ def test_fp8_on_a_device_without_float8_is_refused(monkeypatch):
     assert opts.float8_problem("cpu") is None
     # a device this torch cannot use at all gives its own reason
     assert opts.float8_problem("cuda:999") is not None
+
+
+GiB = 2**30
+# The "Fit your GPU" table (benchmarks/README.md, Memory): GPU GiB -> size -> (blocks_to_swap, fp8, offload)
+AUTO_TABLE = {
+    24: {1024: (8, False, True), 2048: (37, False, False), 4096: (45, False, True)},
+    48: {1024: (0, False, False), 2048: (0, False, False), 4096: (42, False, False)},
+    80: {1024: (0, False, False), 2048: (0, False, False), 4096: (0, False, False)},
+}
+
+
+@pytest.mark.parametrize("gib", sorted(AUTO_TABLE))
+def test_auto_picks_the_documented_configuration(gib):
+    for size, (swap, fp8, offload) in AUTO_TABLE[gib].items():
+        options, peak = choose_memory(gib * GiB, size, size)
+        assert options == MemoryOptions(swap, fp8, offload), (gib, size, options)
+        assert peak == estimate_peak_bytes(options, size, size) <= usable_bytes(gib * GiB)
+        # the cheapest: one block fewer swapped (or no offload) would not fit
+        if swap:
+            assert estimate_peak_bytes(MemoryOptions(swap - 1, fp8, offload), size, size) > usable_bytes(gib * GiB)
+
+
+def test_auto_targets_of_the_issue():
+    options, peak = choose_memory(24 * GiB, 4096, 4096)
+    assert peak <= 22 * GiB and not options.fp8_base
+    options, peak = choose_memory(16 * GiB, 2048, 2048)
+    assert peak <= 14 * GiB and not options.fp8_base
+    # 4096² on 16 GiB needs fp8 on top of everything else; nothing fits 12 GiB
+    options, _ = choose_memory(16 * GiB, 4096, 4096)
+    assert options.fp8_base and options.offload_activations
+    with pytest.raises(MemoryConfigError, match="no memory configuration fits 12.0 GiB at 4096x4096"):
+        choose_memory(12 * GiB, 4096, 4096)
+
+
+def test_estimate_agrees_with_the_fake_tensor_count():
+    # all-resident peaks of one real-size step counted by benchmarks/bench_memory.py (and DESIGN.md's 24.6 /
+    # 30.6 / 54.5 GiB, which the estimate must match within 10 %)
+    for size, measured, design in ((1024, 24.50, 24.6), (2048, 30.49, 30.6), (4096, 54.48, 54.5)):
+        est = estimate_peak_bytes(MemoryOptions(), size, size) / GiB
+        assert est == pytest.approx(measured, rel=0.02) and est == pytest.approx(design, rel=0.10)
+    # offload moves every block input out and back; swap moves each swapped block in twice but the last once
+    assert bytes_moved_per_step(MemoryOptions(offload_activations=True), 4096, 4096) == 2 * 57 * 66048 * 3072 * 2
+    assert bytes_moved_per_step(MemoryOptions(blocks_to_swap=2), 1024, 1024) == 3 * 141_591_808 * 2

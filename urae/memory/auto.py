@@ -13,7 +13,7 @@ from urae.memory.estimate import N_DOUBLE, N_SINGLE, bytes_moved_per_step, estim
 from urae.memory.options import MemoryConfigError, MemoryOptions
 
 GiB = 2**30
-MARGIN_BYTES = GiB  # CUDA context (0.3-0.6 GiB) and library workspaces
+MARGIN_BYTES = int(1.25 * GiB)  # CUDA context (0.3-0.6 GiB), cuBLAS/attention workspaces, a spare
 MARGIN_FRACTION = 0.05  # caching-allocator fragmentation
 
 
@@ -44,7 +44,8 @@ def choose_memory(total_gpu_bytes: int, width: int, height: int, batch_size: int
         if best is None or key < best[0]:
             best = (key, options, peak)
     if best is None:
+        need = (smallest + MARGIN_BYTES) / (1 - MARGIN_FRACTION)
         raise MemoryConfigError(f"no memory configuration fits {total_gpu_bytes / GiB:.1f} GiB at {width}x{height} "
-                                f"batch {batch_size}: the smallest needs ~{(smallest + MARGIN_BYTES) / GiB:.1f} GiB "
-                                f"with the margin; lower the resolution or batch size, or use more GPUs (FSDP)")
+                                f"batch {batch_size}: the smallest needs a {need / GiB:.1f} GiB GPU; lower the "
+                                f"resolution or batch size, or shard the model over several GPUs (FSDP)")
     return best[1], best[2]
