@@ -178,7 +178,7 @@ def test_fp8_on_a_device_without_float8_is_refused(monkeypatch):
 GiB = 2**30
 # The "Fit your GPU" table (benchmarks/README.md, Memory): GPU GiB -> size -> (blocks_to_swap, fp8, offload)
 AUTO_TABLE = {
-    24: {1024: (8, False, True), 2048: (37, False, False), 4096: (45, False, True)},
+    24: {1024: (15, False, False), 2048: (38, False, False), 4096: (46, False, True)},
     48: {1024: (0, False, False), 2048: (0, False, False), 4096: (42, False, False)},
     80: {1024: (0, False, False), 2048: (0, False, False), 4096: (0, False, False)},
 }
@@ -208,11 +208,11 @@ def test_auto_targets_of_the_issue():
 
 
 def test_estimate_agrees_with_the_fake_tensor_count():
-    # all-resident peaks of one real-size step counted by benchmarks/bench_memory.py (and DESIGN.md's 24.6 /
-    # 30.6 / 54.5 GiB, which the estimate must match within 10 %)
+    # all-resident peaks of one real-size step counted by benchmarks/bench_memory.py (adapter in bf16 with AdamW
+    # there; fp32 with Prodigy in the estimate: +0.31 GiB), and DESIGN.md's 24.6 / 30.6 / 54.5 GiB within 10 %
     for size, measured, design in ((1024, 24.50, 24.6), (2048, 30.49, 30.6), (4096, 54.48, 54.5)):
         est = estimate_peak_bytes(MemoryOptions(), size, size) / GiB
-        assert est == pytest.approx(measured, rel=0.02) and est == pytest.approx(design, rel=0.10)
+        assert est == pytest.approx(measured + 0.313, abs=0.02) and est == pytest.approx(design, rel=0.10)
     # offload moves every block input out and back; swap moves each swapped block in twice but the last once
     assert bytes_moved_per_step(MemoryOptions(offload_activations=True), 4096, 4096) == 2 * 57 * 66048 * 3072 * 2
     assert bytes_moved_per_step(MemoryOptions(blocks_to_swap=2), 1024, 1024) == 3 * 141_591_808 * 2

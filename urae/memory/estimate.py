@@ -18,14 +18,15 @@ N_DOUBLE, N_SINGLE = 19, 38
 HIDDEN = 3072
 TXT_TOKENS = 512
 URAE_TARGETS = 190  # 3072 x 3072 Linears
-# Adapter bytes per rank and target: down [r, 3072] + up [3072, r] in fp32 (parameter, frozen copy, gradient,
-# two AdamW moments).
-ADAPTER_BYTES_PER_RANK = URAE_TARGETS * 2 * HIDDEN * 4 * 5
+# Adapter bytes per rank: down [r, 3072] + up [3072, r] per target, fp32 parameter, frozen copy, gradient and
+# Prodigy's four states (the recipes' optimizer; AdamW keeps two).
+ADAPTER_BYTES_PER_RANK = URAE_TARGETS * 2 * HIDDEN * 4 * 7
 
 # Fitted to the all-resident rows of `python benchmarks/bench_memory.py` (1024², 2048², 4096²; residuals
-# under 0.001 GiB): working bytes = WORK_PER_TOKEN * tokens + WORK_FIXED.
+# under 0.001 GiB), less the adapter as that count holds it (bf16, AdamW: 10 bytes per parameter):
+# working bytes = WORK_PER_TOKEN * tokens + WORK_FIXED.
 WORK_PER_TOKEN = 173_858  # 0.000162 GiB per token
-WORK_FIXED = -289_268_000  # -0.27 GiB
+WORK_FIXED = -102_490_000  # -0.10 GiB
 # Measured the same way (0.12 GiB at every size): fp8's upcast copies alive at the peak.
 FP8_EXTRA = 130_000_000
 
