@@ -13,6 +13,7 @@ from urae.memory import (
     check_memory_options,
     choose_memory,
     estimate_peak_bytes,
+    host_bytes,
     setup_memory,
     transformer_blocks,
 )
@@ -205,6 +206,16 @@ def test_auto_targets_of_the_issue():
     assert options.fp8_base and options.offload_activations
     with pytest.raises(MemoryConfigError, match="no memory configuration fits 12.0 GiB at 4096x4096"):
         choose_memory(12 * GiB, 4096, 4096)
+
+
+def test_auto_keeps_pinned_host_memory_within_its_budget():
+    free, _ = choose_memory(24 * GiB, 4096, 4096)
+    assert host_bytes(free, 4096, 4096) > 32 * GiB  # bf16 blocks and every block input in host memory
+    options, peak = choose_memory(24 * GiB, 4096, 4096, host_budget_bytes=32 * GiB)
+    assert options.fp8_base and host_bytes(options, 4096, 4096) <= 32 * GiB and peak <= usable_bytes(24 * GiB)
+    # with 16 GiB of host memory nothing can hold the 4096² block inputs: the message says what it would take
+    with pytest.raises(MemoryConfigError, match=r"within 16.0 GiB of host memory: the smallest needs a \d+\.\d GiB GPU"):
+        choose_memory(24 * GiB, 4096, 4096, host_budget_bytes=16 * GiB)
 
 
 def test_estimate_agrees_with_the_fake_tensor_count():

@@ -80,6 +80,12 @@ def estimate_peak_bytes(options: MemoryOptions, width: int, height: int, batch_s
     return int(peak)
 
 
+def host_bytes(options: MemoryOptions, width: int, height: int, batch_size: int = 1) -> int:
+    """Pinned host memory the options hold: swapped blocks' weights and the offloaded block inputs."""
+    return sum(swapped_bytes(options)) + (checkpoint_bytes(width, height, batch_size)
+                                          if options.offload_activations else 0)
+
+
 def bytes_moved_per_step(options: MemoryOptions, width: int, height: int, batch_size: int = 1) -> int:
     """Host <-> device bytes of one step: swapped blocks come in for forward and again for backward (the last
     one stays between them); checkpointed inputs go out and come back."""
