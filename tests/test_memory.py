@@ -227,3 +227,20 @@ def test_estimate_agrees_with_the_fake_tensor_count():
     # offload moves every block input out and back; swap moves each swapped block in twice but the last once
     assert bytes_moved_per_step(MemoryOptions(offload_activations=True), 4096, 4096) == 2 * 57 * 66048 * 3072 * 2
     assert bytes_moved_per_step(MemoryOptions(blocks_to_swap=2), 1024, 1024) == 3 * 141_591_808 * 2
+
+
+def test_recompute_replays_autocast():
+    """Under bf16 autocast (the trainer's mixed precision) the rerun in backward must compute as the forward did."""
+    def grads(options):
+        transformer, network = _trainee()
+        setup_memory(transformer, options, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = flow_loss(transformer, *_inputs())
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in network.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = grads(MemoryOptions())
+    loss, got = grads(MemoryOptions(offload_activations=True, blocks_to_swap=2))
+    assert loss == ref_loss
+    for k in ref:  # bf16 compute in both, the same ops in the same order: equal up to accumulation order
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-2, atol=1e-5)
