@@ -216,3 +216,29 @@ def test_gpu_script_refuses_a_bad_budget(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: BUDGET_SECONDS must be a whole number of seconds, "
                                                        "got '9m'\n")
     assert list(tmp_path.iterdir()) == []  # refused before anything was installed or written
+
+
+@pytest.mark.slow
+def test_memory_benchmarks_quick_cpu():
+    """bench_memory counts a tiny step per configuration under fake tensors; bench_fp8_minor prints its table."""
+    cmds = {"memory": [sys.executable, "benchmarks/bench_memory.py", "--quick"],
+            "fp8": [sys.executable, "benchmarks/bench_fp8_minor.py", "--quick"]}
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k, c in cmds.items()}
+    outs = {k: p.communicate(timeout=300)[0] for k, p in procs.items()}
+    for k, p in procs.items():
+        assert p.returncode == 0, f"{k} benchmark failed:\n{outs[k][-3000:]}"
+    mem = outs["memory"]
+    assert "command: python benchmarks/bench_memory.py --quick" in mem and "TINY model" in mem
+    peaks = {}
+    for name in ("resident", "fp8", "offload", "swap3", "fp8+swap3+offload"):
+        # configuration, options, peak, est. (nan for the tiny model), host, moved, seconds at 25 GB/s
+        m = re.search(rf"^{re.escape(name)}\s.*?\s(\d+\.\d+)\s+nan\s+\d+\.\d+\s+(\d+\.\d+)\s+\d+\.\d+", mem, re.M)
+        assert m, (name, mem)
+        peaks[name] = float(m.group(1))
+        assert (float(m.group(2)) > 0) == (name not in ("resident", "fp8")), (name, m.group(0))
+    # the tiny model's weights and block inputs are too small for swap or offload to show; fp8 does
+    assert peaks["fp8"] < peaks["resident"] and peaks["fp8+swap3+offload"] < peaks["resident"], peaks
+    fp8 = outs["fp8"]
+    assert re.search(r"^random 256x256 #0\s+\d+\.\d+\s+\d\.\d+e-\d+", fp8, re.M)
+    assert "median |E|_2 / sigma_minor" in fp8

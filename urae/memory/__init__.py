@@ -16,16 +16,17 @@
 - `offload_activations`: the checkpointed block inputs wait in pinned host memory for backward and are
   prefetched one block ahead. Lossless. Needs gradient checkpointing.
 - `choose_memory` (memory = "auto"): the lossless configuration that moves the fewest bytes per step and
-  whose estimate plus the margin fits; fp8 only when nothing lossless fits.
+  whose estimate plus the margin fits (and, given `host_budget_bytes`, whose pinned host memory fits);
+  fp8 only when nothing lossless fits.
 """
 
 from urae.memory.auto import MARGIN_BYTES, MARGIN_FRACTION, choose_memory, usable_bytes
-from urae.memory.estimate import bytes_moved_per_step, estimate_peak_bytes
+from urae.memory.estimate import bytes_moved_per_step, estimate_peak_bytes, host_bytes
 from urae.memory.install import MemoryHandle, setup_memory, transformer_blocks
 from urae.memory.options import MemoryConfigError, MemoryOptions, check_memory_options
 
 __all__ = [
     "MARGIN_BYTES", "MARGIN_FRACTION", "MemoryConfigError", "MemoryHandle", "MemoryOptions", "bytes_moved_per_step",
-    "check_memory_options", "choose_memory", "estimate_peak_bytes", "setup_memory", "transformer_blocks",
+    "check_memory_options", "choose_memory", "estimate_peak_bytes", "host_bytes", "setup_memory", "transformer_blocks",
     "usable_bytes",
 ]

@@ -9,11 +9,11 @@ tensors only, so the CUDA context, cuBLAS workspaces and the allocator's fragmen
 
 from __future__ import annotations
 
-from urae.memory.estimate import N_DOUBLE, N_SINGLE, bytes_moved_per_step, estimate_peak_bytes
+from urae.memory.estimate import N_DOUBLE, N_SINGLE, bytes_moved_per_step, estimate_peak_bytes, host_bytes
 from urae.memory.options import MemoryConfigError, MemoryOptions
 
 GiB = 2**30
-MARGIN_BYTES = GiB  # CUDA context (0.3-0.6 GiB) and library workspaces
+MARGIN_BYTES = int(1.25 * GiB)  # CUDA context (0.3-0.6 GiB), cuBLAS/attention workspaces, a spare
 MARGIN_FRACTION = 0.05  # caching-allocator fragmentation
 
 
@@ -29,13 +29,16 @@ def candidates(n_blocks: int = N_DOUBLE + N_SINGLE):
 
 
 def choose_memory(total_gpu_bytes: int, width: int, height: int, batch_size: int = 1, rank: int = 16,
-                  gradient_checkpointing: bool = True) -> tuple[MemoryOptions, int]:
-    """(options, estimated peak bytes) for one FLUX.1-dev training process on a GPU of `total_gpu_bytes`."""
+                  gradient_checkpointing: bool = True, host_budget_bytes: int | None = None) -> tuple[MemoryOptions, int]:
+    """(options, estimated peak bytes) for one FLUX.1-dev training process on a GPU of `total_gpu_bytes`;
+    `host_budget_bytes` bounds the pinned host memory swapped blocks and offloaded inputs may take."""
     if not gradient_checkpointing:
         raise MemoryConfigError("memory = auto needs gradient_checkpointing = true")
     budget = usable_bytes(total_gpu_bytes)
     best, smallest = None, None
     for options in candidates():
+        if host_budget_bytes is not None and host_bytes(options, width, height, batch_size) > host_budget_bytes:
+            continue
         peak = estimate_peak_bytes(options, width, height, batch_size, rank)
         smallest = peak if smallest is None else min(smallest, peak)
         if peak > budget:
@@ -44,7 +47,9 @@ def choose_memory(total_gpu_bytes: int, width: int, height: int, batch_size: int
         if best is None or key < best[0]:
             best = (key, options, peak)
     if best is None:
+        need = (smallest + MARGIN_BYTES) / (1 - MARGIN_FRACTION)
+        host = f" within {host_budget_bytes / GiB:.1f} GiB of host memory" if host_budget_bytes is not None else ""
         raise MemoryConfigError(f"no memory configuration fits {total_gpu_bytes / GiB:.1f} GiB at {width}x{height} "
-                                f"batch {batch_size}: the smallest needs ~{(smallest + MARGIN_BYTES) / GiB:.1f} GiB "
-                                f"with the margin; lower the resolution or batch size, or use more GPUs (FSDP)")
+                                f"batch {batch_size}{host}: the smallest needs a {need / GiB:.1f} GiB GPU; lower the "
+                                f"resolution or batch size, or shard the model over several GPUs (FSDP)")
     return best[1], best[2]

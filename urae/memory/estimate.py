@@ -18,13 +18,17 @@ N_DOUBLE, N_SINGLE = 19, 38
 HIDDEN = 3072
 TXT_TOKENS = 512
 URAE_TARGETS = 190  # 3072 x 3072 Linears
-# Adapter bytes per rank and target: down [r, 3072] + up [3072, r] in fp32 (parameter, frozen copy, gradient,
-# two AdamW moments).
-ADAPTER_BYTES_PER_RANK = URAE_TARGETS * 2 * HIDDEN * 4 * 5
+# Adapter bytes per rank: down [r, 3072] + up [3072, r] per target, fp32 parameter, frozen copy, gradient and
+# Prodigy's four states (the recipes' optimizer; AdamW keeps two).
+ADAPTER_BYTES_PER_RANK = URAE_TARGETS * 2 * HIDDEN * 4 * 7
 
-# Fitted: working bytes = WORK_PER_TOKEN * tokens + WORK_FIXED (bench_memory.py, resident rows at 1024/2048/4096).
-WORK_PER_TOKEN = 0
-WORK_FIXED = 0
+# Fitted to the all-resident rows of `python benchmarks/bench_memory.py` (1024², 2048², 4096²; residuals
+# under 0.001 GiB), less the adapter as that count holds it (bf16, AdamW: 10 bytes per parameter):
+# working bytes = WORK_PER_TOKEN * tokens + WORK_FIXED.
+WORK_PER_TOKEN = 173_858  # 0.000162 GiB per token
+WORK_FIXED = -102_490_000  # -0.10 GiB
+# Measured the same way (0.12 GiB at every size): fp8's upcast copies alive at the peak.
+FP8_EXTRA = 130_000_000
 
 
 def tokens(width: int, height: int, batch_size: int = 1) -> int:
@@ -61,14 +65,25 @@ def estimate_peak_bytes(options: MemoryOptions, width: int, height: int, batch_s
         raise ValueError("the estimate covers training with gradient checkpointing only (the URAE recipes)")
     n_tok = tokens(width, height, batch_size)
     per_block_input = n_tok * HIDDEN * 2
-    peak = weight_bytes(options) + ADAPTER_BYTES_PER_RANK * rank + WORK_PER_TOKEN * n_tok + WORK_FIXED
+    work = max(0, WORK_PER_TOKEN * n_tok + WORK_FIXED)
+    peak = weight_bytes(options) + ADAPTER_BYTES_PER_RANK * rank + work
+    if options.blocks_to_swap or options.offload_activations:
+        # urae.memory's checkpoint function holds a block's output gradients and input gradients at once
+        # (measured: 2 block inputs more than torch's non-reentrant checkpoint)
+        peak += 2 * per_block_input
     if options.offload_activations:
         peak += 2 * per_block_input  # the block in backward and the prefetched previous one
     else:
         peak += checkpoint_bytes(width, height, batch_size)
     if options.fp8_base:
-        peak += DOUBLE_LINEAR * 2  # one block's upcast weights live through its recompute and backward
+        peak += FP8_EXTRA
     return int(peak)
+
+
+def host_bytes(options: MemoryOptions, width: int, height: int, batch_size: int = 1) -> int:
+    """Pinned host memory the options hold: swapped blocks' weights and the offloaded block inputs."""
+    return sum(swapped_bytes(options)) + (checkpoint_bytes(width, height, batch_size)
+                                          if options.offload_activations else 0)
 
 
 def bytes_moved_per_step(options: MemoryOptions, width: int, height: int, batch_size: int = 1) -> int:
