@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from urae.common import did_you_mean, parse_bool
 
 
 class ConfigError(ValueError):
@@ -32,8 +33,7 @@ class Option:
 
 
 def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, known, cutoff=0.5)
 
 
 def _coerce(opt: Option, value, source: str):
@@ -42,11 +42,9 @@ def _coerce(opt: Option, value, source: str):
     t = opt.type
     try:
         if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return value.lower() in ("true", "1", "yes", "on")
-            raise ValueError
+            if not isinstance(value, (bool, str)):
+                raise ValueError
+            return parse_bool(value)
         if t is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -100,10 +98,10 @@ def flatten_sections(d: dict, sections: tuple[str, ...] = ()) -> dict:
 
 
 def _flag_value(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return low in ("true", "1", "yes", "on")
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser(prog: str, description: str, options: list[Option]) -> argparse.ArgumentParser:

@@ -12,11 +12,12 @@ bit-identical to stock diffusers (the original RoPE theta and processor objects 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from contextlib import contextmanager
 
 import torch
+
+from urae.common import did_you_mean
 
 FLUX_ROPE_THETA = 10000
 # N0 = 512 text tokens + 64 x 64 image tokens: the sequence length FLUX.1 was trained at (1024²).
@@ -48,9 +49,8 @@ class HighResSettings:
         known = [f.name for f in dataclasses.fields(cls)]
         for k in d:
             if k not in known:
-                close = difflib.get_close_matches(k, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown high-res runtime option {k!r}{hint}; known: {', '.join(known)}")
+                raise ValueError(f"unknown high-res runtime option {k!r}{did_you_mean(k, known)}; "
+                                 f"known: {', '.join(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict:

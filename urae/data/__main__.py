@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
+from urae.common import DTYPES, has_guidance_embedding
 from urae.data.build import build_caches
 from urae.data.options import DataOptions
 from urae.data.text_cache import T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
             ap.add_argument(f"--{f.name}", default=None, type=float if f.name == "real_prompt_ratio" else
                             int if f.name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps") else str)
     ap.add_argument("--t5_max_length", type=int, default=None, help="default: 512 dev, 256 schnell")
-    ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="model and cache dtype (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model and cache dtype (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--split_threshold", type=int, default=None, help="pixels above which the VAE encode is row-split")
     ap.add_argument("--stats_json", default=None, help="each rank writes <this>.rank<N>.json with its encode counts")
     ap.add_argument("--no_progress", action="store_true")
@@ -58,12 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     # A rank may wait hours at the barrier for a slower one; NCCL's default watchdog gives up after 10 minutes.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=3))
     device = state.device
-    dtype = _DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = FluxPipeline.from_pretrained(a.model, transformer=None, dtype=dtype)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.to(device).eval()
     cfg = json.loads((Path(a.model) / "transformer" / "config.json").read_text())
-    t5_len = a.t5_max_length or (T5_MAX_LENGTH_DEV if cfg.get("guidance_embeds", True) else T5_MAX_LENGTH_SCHNELL)
+    t5_len = a.t5_max_length or (T5_MAX_LENGTH_DEV if has_guidance_embedding(cfg) else T5_MAX_LENGTH_SCHNELL)
 
     calls = {"vae_encoder": 0, "text_encoder": 0, "text_encoder_2": 0}
     for name, mod in (("vae_encoder", pipe.vae.encoder), ("text_encoder", pipe.text_encoder),
