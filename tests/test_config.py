@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from urae.common import DTYPES, did_you_mean, dtype_from_name, free_port, has_guidance_embedding, parse_bool
-from urae.config import ConfigError, Option, build_parser, read_toml, resolve
+from urae.config import ConfigError, Option, read_toml, resolve
 
 OPTS = [
     Option("size", int, 64, "image size"),
@@ -97,3 +97,42 @@ def test_unknown_flag_suggests_the_closest(capsys):
         resolve(OPTS, ["--sise", "3"], "prog", "d")
     assert e.value.code == 2
     assert "did you mean 'size'" in capsys.readouterr().err
+
+
+def test_toml_writer_round_trips_a_resolved_config(tmp_path):
+    from urae import tomlfile
+    from urae.config import to_toml
+
+    cfg = {"name": 'a "quoted" path\\with\nnewline ü', "n": 3, "x": 1e-4, "big": float("inf"), "on": False,
+           "args": ["init=minor", "targets=urae"], "empty": [], "table": {"a": 1, "b c": "d"}, "unset": None,
+           "_sources": {"n": "default"}}
+    text = to_toml(cfg)
+    back = tomlfile.loads(text)
+    assert back == {k: v for k, v in cfg.items() if v is not None and not k.startswith("_")}
+    f = tmp_path / "c.toml"
+    f.write_text(text, encoding="utf-8")
+    assert read_toml(f) == back
+
+
+@pytest.mark.parametrize("command", ["infer", "train"])
+def test_help_shows_every_options_choices_and_default(command, capsys):
+    import re
+
+    from urae import inference, train_options
+
+    options = (inference if command == "infer" else train_options).OPTIONS
+    with pytest.raises(SystemExit):
+        resolve(options, ["--help"], "prog", "d")
+    out = capsys.readouterr().out
+    entries = {e.split()[0]: re.sub(r"\s+", " ", e)
+               for e in re.split(r"\n  (?=-)", out.split("options:")[1]) if e.strip()}
+    for o in options:
+        entry = entries[f"--{o.name}"]
+        assert "default" in entry, f"--{o.name}: no default shown"
+        for c in o.choices or ():
+            assert str(c) in entry, f"--{o.name}: choice {c} not shown"
+    text = re.sub(r"\s+", " ", out)
+    if command == "train":
+        assert "--optimizer_type {prodigy,adamw,adamw8bit,adafactor}" in text and "default: prodigy" in text
+    else:
+        assert "--dtype {auto,bf16,fp16,fp32}" in text and "default: 4096" in text
