@@ -96,7 +96,7 @@ def test_unknown_flag_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as e:
         resolve(OPTS, ["--sise", "3"], "prog", "d")
     assert e.value.code == 2
-    assert "did you mean 'size'" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: unknown option --sise (did you mean 'size'?) (see prog --help)\n"
 
 
 def test_toml_writer_round_trips_a_resolved_config(tmp_path):

@@ -122,8 +122,15 @@ def option_help(o: Option) -> str:
     return "; ".join(parts).replace("%", "%%")  # argparse expands % in help
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A command-line mistake is one line and exit code 2, like every other user error (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str, description: str, options: list[Option]) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    ap = _OneLineErrors(prog=prog, description=description, allow_abbrev=False)
     ap.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below (flags override it)")
     for o in options:
         names = [f"--{o.name}"] + [f"--{a}" for a in o.aliases]
