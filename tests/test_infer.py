@@ -121,7 +121,7 @@ def _corrupt(path):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt",
-                                  "two_inits", "official_4k"])
+                                  "two_inits", "official_4k", "no_images", "bad_line", "bad_shift"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trained_lora, tmp_path, capsys):
     extra = ["--prompt", "x", "--width", "64", "--height", "64"]
     if case == "missing":
@@ -161,9 +161,22 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
         Image.new("RGB", (64, 64)).save(init)
         extra += ["--init_image", str(init), "--init_resolution", "256"]
         want = "not both"
+    elif case == "no_images":
+        extra += ["--num_images", "0"]
+        want = "--num_images must be >= 1"
+    elif case == "bad_line":
+        f = tmp_path / "p.txt"
+        f.write_text("x --w 64 --h 64\ny --l 0.5\n")
+        extra = ["--prompts_file", str(f)]
+        want = "p.txt:2: CFG scale (--l) = 0.5 must be >= 1"
+    elif case == "bad_shift":
+        extra += ["--shift", "-1"]
+        want = "shift must be positive"
     else:
         extra = []
         want = "no prompts"
+    if case in ("no_images", "bad_line", "bad_shift", "size", "empty_prompts", "two_inits"):
+        tiny_flux_dir = tmp_path / "no-model-here"  # found before any model is looked at
     rc, out = run(tmp_path, tiny_flux_dir, *extra)
     assert rc == 2
     assert want in capsys.readouterr().out

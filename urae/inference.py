@@ -53,6 +53,11 @@ def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_infer.py", "Generate 2K/4K images with FLUX.1 and URAE adapters.")
     if not cfg["model"]:
         raise ConfigError("give --model (a FLUX.1 folder or hub id, e.g. black-forest-labs/FLUX.1-dev)")
+    for k in ("num_images", "steps", "max_sequence_length"):
+        if cfg[k] is not None and cfg[k] < 1:
+            raise ConfigError(f"--{k} must be >= 1, got {cfg[k]}")
+    if cfg["guidance"] is not None and cfg["guidance"] < 0:
+        raise ConfigError(f"--guidance must be >= 0, got {cfg['guidance']}")
     return cfg
 
 
@@ -198,7 +203,7 @@ def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
     from urae.adapters import attach_adapters, check_adapter_file, resolve_lora_file, runtime_from_metadata
-    from urae.loading import load_pipeline
+    from urae.loading import load_pipeline, resolve_model_location
     from urae.outputs import append_jsonl, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
 
@@ -209,9 +214,12 @@ def run(cfg: dict) -> list[Path]:
     loras = [resolve_lora_file(p) for p in cfg["lora"]]
     metas = [check_adapter_file(p) for p in loras]
     adapter_runtime = next((r for r in map(runtime_from_metadata, metas) if r), None)
+    for req in requests:  # bad runtime settings (--shift -1, …) are found now, not after loading
+        runtime_settings(cfg, req, adapter_runtime)
     out_dir = Path(cfg["output_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
+    resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
     for line in plan:
         print(line, flush=True)
 
