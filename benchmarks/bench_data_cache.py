@@ -10,8 +10,12 @@
    posterior mean + std as cached) in fp16/bf16/fp32, and for the text cache (T5-XXL 512 x 4096 +
    mask, CLIP-L pooled 768) per caption variant.
 3. With --vae-memory PX: peak host memory of one PX² encode with the real FLUX VAE architecture
-   (random weights, fp32, CPU) whole versus split, each in a fresh process (ru_maxrss above the
+   (random weights, fp32, CPU) whole versus split, each in a fresh process (peak RSS above the
    pre-encode level), plus the largest split-vs-whole difference of the posterior mean.
+4. With --host-ram: peak RSS of one process that gets a training plan from complete caches on the
+   tiny model, (a) loading the whole pipeline first (what the trainer did) versus (b) asking
+   `cache_status` first and loading only the components of incomplete caches (none), each in a fresh
+   process; plus the weights each way would hold at FLUX.1-dev size (from the component sizes).
 """
 
 from __future__ import annotations
@@ -113,10 +117,18 @@ FLUX_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEnc
                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def _vae_child(mode: str, size: int, out: str) -> None:
-    """In a fresh process: build the real-shape VAE, encode one size² image whole or split, report memory."""
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM (ru_maxrss on Linux keeps the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _vae_child(mode: str, size: int, out: str) -> None:
+    """In a fresh process: build the real-shape VAE, encode one size² image whole or split, report memory."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -126,11 +138,11 @@ def _vae_child(mode: str, size: int, out: str) -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(**FLUX_VAE_CONFIG).eval()
     px = torch.from_numpy(image_array(size, size, 0)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _peak_rss()
     t = time.perf_counter()
     mean, _ = encode_posterior(vae, px, split_threshold=10**12 if mode == "whole" else 0)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     torch.save(mean, out + ".pt")
     Path(out).write_text(json.dumps({"mode": mode, "size": size, "peak_extra": peak - before, "seconds": seconds}))
 
@@ -152,6 +164,102 @@ def vae_memory(size: int) -> list[dict]:
     return rows
 
 
+# FLUX.1-dev component parameter counts (the published checkpoints), for the real-size estimate.
+FLUX_PARAMS = {"transformer": 11.90e9, "text_encoder_2": 4.762e9, "text_encoder": 123.1e6, "vae": 83.8e6}
+_HOST_MODES = ("pipeline", "pipeline-read", "status")
+
+
+def _host_ram_child(mode: str, model: str, data: str, cache: str, out: str) -> None:
+    """In a fresh process: the plan from complete caches, loading the whole pipeline or only what is missing."""
+    import torch
+    import transformers  # noqa: F401  (imported by both modes before the baseline)
+    from diffusers import FluxPipeline  # noqa: F401
+
+    from urae.components import load_text_encoders, load_vae
+    from urae.data import DataOptions, build_caches, cache_status
+    from urae.loading import load_pipeline
+
+    options = DataOptions(train_data_dir=data, cache_dir=cache, resolution=64)
+    base = _peak_rss()
+    if mode.startswith("pipeline"):
+        pipe = load_pipeline(model, dtype=torch.float32)
+        if mode == "pipeline-read":  # every weight page read once, as the trainer's .to(cuda) does
+            with torch.no_grad():
+                for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+                    sum(float(p.double().sum()) for p in m.parameters())
+        plan = build_caches(options, pipe, model_location=model, progress=False)
+        loaded = ["transformer", "vae", "text_encoder", "text_encoder_2"]
+    else:
+        status = cache_status(options, model, dtype=torch.float32, log=False)
+        parts = load_text_encoders(model, torch.float32) if status.needs_text_encoders else {}
+        if status.needs_vae:
+            parts["vae"] = load_vae(model, torch.float32)
+        plan = build_caches(options, parts, status=status, progress=False)
+        loaded = sorted(k for k in parts if not k.startswith("tokenizer"))
+    peak = _peak_rss()
+    Path(out).write_text(json.dumps({"mode": mode, "base": base, "peak": peak, "loaded": loaded,
+                                     "entries": len(plan.entries), "encoded": plan.latents.encoded + plan.texts.encoded}))
+
+
+def _widen_t5(model: Path) -> int:
+    """Replace the tiny T5 by a ~100 M-parameter one (same tokenizer): weights big enough to see in RSS."""
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel
+
+    folder = model / "text_encoder_2"
+    cfg = T5Config.from_pretrained(folder)
+    big = T5EncoderModel(T5Config(vocab_size=cfg.vocab_size, d_model=1024, d_kv=64, d_ff=2816, num_layers=8,
+                                  num_heads=16, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                  use_cache=False))
+    shutil.rmtree(folder)
+    big.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in big.parameters())
+
+
+def host_ram(n_images: int) -> list[dict]:
+    from urae.data import DataOptions, build_caches
+    from urae.data.synthetic import write_image
+    from urae.loading import load_pipeline
+    from urae.tiny import write_tiny_pipeline
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = write_tiny_pipeline(tmp / "model")
+        t5_params = _widen_t5(model)
+        for i in range(n_images):
+            write_image(tmp / "data" / f"{i:04d}.png", 96, 96, seed=i).with_suffix(".txt").write_text(f"image {i}")
+        # the caching run that completes the caches and records the model identities
+        build_caches(DataOptions(train_data_dir=str(tmp / "data"), cache_dir=str(tmp / "cache"), resolution=64),
+                     load_pipeline(str(model)), model_location=str(model), progress=False)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        for mode in _HOST_MODES:
+            out = tmp / f"{mode}.json"
+            subprocess.run([sys.executable, __file__, "--_host-ram-child", mode, str(model), str(tmp / "data"),
+                            str(tmp / "cache"), str(out)], env=env, check=True, capture_output=True)
+            rows.append({**json.loads(out.read_text()), "t5_params": t5_params})
+    return rows
+
+
+def print_host_ram(n: int) -> None:
+    rows = host_ram(n)
+    print(f"\nhost RAM of one process getting the plan from complete caches ({n} images, tiny pipeline with a "
+          f"{rows[0]['t5_params'] / 1e6:.0f} M-parameter T5 ({rows[0]['t5_params'] * 4 / 2**20:.0f} MiB fp32) for "
+          "T5-XXL; peak RSS (VmHWM), MiB; 'after imports' = the same imports done first in both):")
+    print(f"{'mode':>13} {'after imports':>14} {'peak':>8} {'added':>8}  models loaded")
+    for r in rows:
+        print(f"{r['mode']:>13} {_mib(r['base']):>14} {_mib(r['peak'])} {_mib(r['peak'] - r['base'])}  "
+              f"{', '.join(r['loaded']) or 'none'} (encoded {r['encoded']})")
+    gib = {k: 2 * v / 2**30 for k, v in FLUX_PARAMS.items()}
+    print("FLUX.1-dev size, bf16 weights held before training starts: whole pipeline "
+          f"{sum(gib.values()):.1f} GiB (transformer {gib['transformer']:.1f}, T5-XXL {gib['text_encoder_2']:.1f}, "
+          f"CLIP-L {gib['text_encoder']:.2f}, VAE {gib['vae']:.2f}); status first with complete caches 0 "
+          f"(the transformer, {gib['transformer']:.1f} GiB, loads afterwards for training either way)")
+    print("pipeline: weights memory-mapped, pages read only where the identity fingerprint looks; pipeline-read: "
+          "every page read once, as moving the models to the GPU does (file-backed pages, shared between processes)")
+
+
 def _mib(x: float) -> str:
     return f"{x / 2**20:8.2f}"
 
@@ -163,16 +271,24 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--vae-memory", type=int, default=0, metavar="PX",
                     help="also measure whole vs split encode memory of the real-shape VAE at PX² (CPU, slow)")
+    ap.add_argument("--host-ram", action="store_true",
+                    help="also measure peak RSS of getting a plan from complete caches, whole pipeline vs status first")
+    ap.add_argument("--host-ram-only", action="store_true", help="run only the --host-ram section")
     ap.add_argument("--_vae-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_host-ram-child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._vae_child:
         return _vae_child(a._vae_child[0], int(a._vae_child[1]), a._vae_child[2])
+    if a._host_ram_child:
+        return _host_ram_child(*a._host_ram_child)
     n = a.images or (4 if a.quick else 16)
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
     import torch
 
     print(f"torch {torch.__version__}, tiny FLUX VAE (16-ch latent, 8x), fp32, CPU")
+    if a.host_ram_only:
+        return print_host_ram(n)
 
     rows = throughput(n, a.size)
     print(f"\nlatent caching, {n} images of {a.size}x{a.size} (caching phase only; wall incl. startup in brackets)")
@@ -203,6 +319,9 @@ def main() -> None:
         scale = (4096 / a.vae_memory) ** 2 / 2
         print(f"whole encode scaled to 4096x4096 in bf16 (x{scale:.0f}): ~{whole * scale / 2**30:.1f} GiB of activations; "
               "the split encode keeps those in host memory on a GPU (GPU peak not measured here)")
+
+    if a.host_ram:
+        print_host_ram(n)
 
     l2k = next(r for r in latents if r["bucket"] == "2048x2048")["bf16"] + texts[1]["per_image_2_variants"]
     l4k = next(r for r in latents if r["bucket"] == "4096x4096")["bf16"] + texts[1]["per_image_2_variants"]

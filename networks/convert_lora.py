@@ -40,13 +40,20 @@ import sys
 
 import torch
 
-from networks.inspect_lora import (
+from networks.inspect_lora import OFFICIAL_RE, detect_form, lora_modules, read_lora
+from networks.lora_files import (
+    DTYPES,
     FINAL_BFL,
     FINAL_DIFFUSERS,
-    OFFICIAL_RE,
-    detect_form,
-    lora_modules,
-    read_lora,
+    Checkpoint,
+    UserError,
+    file_record,
+    output_metadata,
+    output_path,
+    parse_dtype,
+    progress_bar,
+    run_cli,
+    user_errors,
 )
 from networks.minor_lora import (
     PEFT_UNET,
@@ -64,7 +71,7 @@ from urae.flux_keys import linear_pairs
 SPLIT_META = "urae_fused_split"
 
 
-class NotBlockDiagonalError(ValueError):
+class NotBlockDiagonalError(UserError):
     """A fused kohya LoRA whose ranks each change several q/k/v slices: it has no exact PEFT form."""
 _SLICE = ("q", "k", "v", "mlp")
 
@@ -109,7 +116,7 @@ def to_kohya(sd: dict, meta: dict, source: str = "LoRA file", dtype=None) -> tup
             _put(out, r["key"], "kohya", r["down"], r["up"], r["alpha"], dt)
         else:
             if r["path"] not in dmap:
-                raise ValueError(f"{source}: {r['key']} is not a Linear of the FLUX transformer")
+                raise UserError(f"{source}: {r['key']} is not a Linear of the FLUX transformer")
             bfl, i, n = dmap[r["path"]]
             groups.setdefault(bfl, (n, {}))[1][i] = r
     for bfl, (n, parts) in groups.items():
@@ -155,7 +162,7 @@ def _split_columns(rec: dict, sizes: list[int], recorded, source: str) -> list[t
             res.append((_SLICE.index(label), list(range(col, col + rank)), ratio))
             col += rank
         if col != rec["rank"]:
-            raise ValueError(f"{source}: {SPLIT_META} for {rec['key']} lists {col} ranks, the file has {rec['rank']}")
+            raise UserError(f"{source}: {SPLIT_META} for {rec['key']} lists {col} ranks, the file has {rec['rank']}")
         return res
     bounds, pos = [], 0
     for size in sizes:
@@ -187,9 +194,9 @@ def to_peft(sd: dict, meta: dict, source: str = "LoRA file", dtype=None, skip_te
             if r["form"] == "peft":
                 _put(out, r["key"], "peft", r["down"], r["up"], r["alpha"], dt)
             elif not skip_text_encoder:
-                raise ValueError(f"{source}: text-encoder module {r['key']}: kohya text-encoder names cannot be "
-                                 f"mapped back to module paths without the model; pass --skip-text-encoder to drop "
-                                 f"the text-encoder part")
+                raise UserError(f"{source}: text-encoder module {r['key']}: kohya text-encoder names cannot be "
+                                f"mapped back to module paths without the model; pass --skip-text-encoder to drop "
+                                f"the text-encoder part")
             continue
         if r["layout"] == "diffusers":
             _put(out, f"{PEFT_UNET}.{r['path']}", "peft", r["down"], r["up"], r["alpha"], dt)
@@ -224,37 +231,37 @@ def _official_modules(sd: dict, source: str) -> dict[str, dict]:
     for k, v in sd.items():
         m = OFFICIAL_RE.match(k)
         if not m:
-            raise ValueError(f"{source}: unexpected key {k} in an official URAE adapter file")
+            raise UserError(f"{source}: unexpected key {k} in an official URAE adapter file")
         name = f"{m.group(1)}.attn.{'to_out.0' if m.group(2) == 'to_out' else m.group(2)}"
         mods.setdefault(name, {})[m.group(3)] = v
     for name, g in mods.items():
         if set(g) != {"a", "b"}:
-            raise ValueError(f"{source}: {name} lacks its to_*_{'b' if 'a' in g else 'a'} weight")
+            raise UserError(f"{source}: {name} lacks its to_*_{'b' if 'a' in g else 'a'} weight")
         if g["a"].dim() != 2 or g["b"].dim() != 2 or g["b"].shape[1] != g["a"].shape[0]:
-            raise ValueError(f"{source}: {name}: inconsistent shapes a {tuple(g['a'].shape)}, b {tuple(g['b'].shape)}")
+            raise UserError(f"{source}: {name}: inconsistent shapes a {tuple(g['a'].shape)}, b {tuple(g['b'].shape)}")
     return mods
 
 
 def import_official(sd: dict, base, base_lora=None, include_base_lora: bool = True, source: str = "URAE file",
                     progress: bool = True, svd_device=None) -> tuple[dict, dict]:
     """(PEFT-form tensors, metadata) of the standard LoRA equal to an official URAE 4K adapter on `base`."""
-    from networks.merge_lora import Checkpoint, progress_bar
-
     mods = _official_modules(sd, source)
     ranks = {g["a"].shape[0] for g in mods.values()}
     with Checkpoint(base) as ck:
         shapes = ck.diffusers_linear_shapes()
         absent = [n for n in mods if n not in shapes]
         if absent:
-            raise ValueError(f"{source}: adapter for another model: {absent[:3]} are not Linear layers of {base}")
+            raise UserError(f"{source}: adapter for another model: {absent[:3]} are not Linear layers of {base}")
         for name, g in mods.items():
             if (g["b"].shape[0], g["a"].shape[1]) != shapes[name]:
-                raise ValueError(f"{source}: {name}: adapter is {g['b'].shape[0]}x{g['a'].shape[1]}, the model's "
-                                 f"weight is {shapes[name][0]}x{shapes[name][1]}: a LoRA for another model")
+                raise UserError(f"{source}: {name}: adapter is {g['b'].shape[0]}x{g['a'].shape[1]}, the model's "
+                                f"weight is {shapes[name][0]}x{shapes[name][1]}: a LoRA for another model")
         base_parts: dict[str, list] = {}
         if base_lora is not None:
             lsd, _ = read_lora(base_lora)
-            for m, a, b, down, up in TargetMap(shapes).resolve(lsd, 1.0, source=os.fspath(base_lora)):
+            with user_errors(os.fspath(base_lora)):
+                resolved = TargetMap(shapes).resolve(lsd, 1.0, source=os.fspath(base_lora))
+            for m, a, b, down, up in resolved:
                 full = torch.zeros(shapes[m][0], up.shape[1])
                 full[a:b] = up
                 base_parts.setdefault(m, []).append((down, full))
@@ -282,22 +289,53 @@ def import_official(sd: dict, base, base_lora=None, include_base_lora: bool = Tr
         "ss_network_dim": str(max(dims)), "ss_network_alpha": "scale 1 (alpha = rank per module)",
         "ss_base_model_version": "flux1", "urae_init": "minor", "urae_rank": str(max(ranks)),
         "urae_imported_from": "urae-official-4k",
-        "urae_import_base_lora": os.path.basename(os.fspath(base_lora)) if base_lora and include_base_lora else "",
+        "urae_import_base_lora": json.dumps(file_record(base_lora)) if base_lora and include_base_lora else "",
     }
     return out, meta
 
 
-def _parse_dtype(name):
-    if name is None:
-        return None
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    return table[name]
+def _describes(structure: dict, ranks: dict[str, int]) -> bool:
+    return set(structure) == set(ranks) and all(
+        sum(seg[2] for seg in e["segments"]) == ranks[k] for k, e in structure.items())
+
+
+def refreshed_metadata(tensors: dict, meta: dict, source: str = "LoRA file") -> dict:
+    """Metadata that still describes `tensors` after a conversion.
+
+    minor_lora's `urae_structure` names the modules of the file it wrote; where it no longer does (another
+    form or layout) it is kept as `urae_source_structure`, which minor_lora ignores and which becomes
+    `urae_structure` again when a later conversion gives back the modules it names. sd-scripts'
+    ss_network_dim / ss_network_alpha are the trained rank and alpha where that structure still holds (as
+    minor_lora writes them; `urae_export_rank` is the rank of the tensors), else the written ranks (fusing
+    q/k/v adds them).
+    """
+    meta = dict(meta)
+    recs = lora_modules(tensors, source)
+    ranks = {r["key"]: r["rank"] for r in recs}
+    dim = max(ranks.values())
+    scales = {round(r["scale"], 6) for r in recs}
+    alpha = float(scales.pop() * dim) if len(scales) == 1 else None
+    text = meta.pop("urae_structure", None) or meta.pop("urae_source_structure", None)
+    kept = bool(text) and _describes(json.loads(text), ranks)
+    if text:
+        meta["urae_structure" if kept else "urae_source_structure"] = text
+    if "urae_export_rank" in meta:
+        meta["urae_export_rank"] = str(dim)
+        meta["urae_export_alpha"] = str(alpha) if alpha is not None else "mixed"
+    if kept and "urae_rank" in meta:
+        trained = {"ss_network_dim": meta["urae_rank"], "ss_network_alpha": meta.get("urae_alpha")}
+    else:
+        trained = {"ss_network_dim": str(dim), "ss_network_alpha": str(alpha) if alpha is not None else "mixed"}
+    for key, value in trained.items():
+        if key in meta and value is not None:
+            meta[key] = value
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m networks.convert_lora", description=__doc__.split("\n\n")[0])
     ap.add_argument("input")
-    ap.add_argument("output")
+    ap.add_argument("output", help="output file; a folder (or a path ending in /) takes the input's file name")
     ap.add_argument("--to", choices=("peft", "kohya"), help="target form (default: peft for --from-urae-official)")
     ap.add_argument("--from-urae-official", action="store_true", help="input is an official URAE 4K adapter file")
     ap.add_argument("--base", help="with --from-urae-official: FLUX.1 diffusers folder or single-file transformer")
@@ -305,50 +343,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exclude-base-lora", action="store_true", help="leave the 2K LoRA out of the output")
     ap.add_argument("--svd-device", help="with --from-urae-official: device for the SVDs, e.g. cuda (default cpu)")
     ap.add_argument("--skip-text-encoder", action="store_true", help="drop kohya text-encoder modules for --to peft")
-    ap.add_argument("--save_dtype", "--save-dtype", choices=("fp32", "fp16", "bf16"), help="dtype of the factors")
+    ap.add_argument("--save_dtype", "--save-dtype", choices=list(DTYPES),
+                    help="dtype of the factors (default: the input's)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    ap.add_argument("--no_metadata", "--no-metadata", action="store_true",
+                    help="write only the metadata loaders read (runtime settings, resume structure), no training "
+                         "record or names")
     a = ap.parse_args(argv)
+    return run_cli(lambda: _run(a))
+
+
+def _run(a) -> int:
     from urae.io import save_safetensors_atomic
 
-    try:
-        if os.path.abspath(a.input) == os.path.abspath(a.output):
-            raise ValueError("output would overwrite the input; choose another path")
-        sd, meta = read_lora(a.input)
-        form = detect_form(sd, meta)
-        dtype = _parse_dtype(a.save_dtype)
-        if a.from_urae_official:
-            if form != "urae-official":
-                raise ValueError(f"{a.input} is a {form} LoRA, not an official URAE adapter "
-                                 f"(keys like transformer_blocks.0.attn.processor.to_q_a.weight)")
-            if not a.base:
-                raise ValueError("--from-urae-official needs --base MODEL to recompute the minor components")
-            mods = _official_modules(sd, a.input)
-            print(f"{a.input}: official URAE adapter, {len(mods)} modules, rank "
-                  f"{sorted({g['a'].shape[0] for g in mods.values()})}; base {a.base}"
-                  + (f" + {a.base_lora}" if a.base_lora else "") + f" -> {a.output} ({a.to or 'peft'})")
-            out, meta = import_official(sd, a.base, a.base_lora, not a.exclude_base_lora, a.input,
-                                        svd_device=a.svd_device)
-            if a.to == "kohya":
-                out, meta = to_kohya(out, meta, a.input, dtype)
-            elif dtype is not None:
-                out, meta = to_peft(out, meta, a.input, dtype)
-        else:
-            if form == "urae-official":
-                raise ValueError(f"{a.input} is an official URAE adapter; add --from-urae-official --base MODEL")
-            if not a.to:
-                raise ValueError("say which form to write: --to peft or --to kohya")
-            recs = lora_modules(sd, a.input)
-            print(f"{a.input}: {form} LoRA, {len(recs)} modules -> {a.output} ({a.to})")
-            conv = to_kohya if a.to == "kohya" else to_peft
-            kwargs = {"skip_text_encoder": a.skip_text_encoder} if a.to == "peft" else {}
-            out, meta = conv(sd, meta, a.input, dtype, **kwargs)
-        if any(k.startswith("sshs_") for k in meta):  # sd-scripts' file hashes: recompute for the new tensors
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(out, meta)
-        save_safetensors_atomic(out, a.output, meta)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    inputs = [a.input] + [p for p in (a.base_lora,) if p]
+    output = output_path(a.output, overwrite=a.overwrite, name_in_folder=os.path.basename(a.input), inputs=inputs)
+    sd, meta = read_lora(a.input)
+    form = detect_form(sd, meta)
+    dtype = parse_dtype(a.save_dtype)
+    if a.from_urae_official:
+        if form != "urae-official":
+            raise UserError(f"{a.input} is a {form} LoRA, not an official URAE adapter "
+                            f"(keys like transformer_blocks.0.attn.processor.to_q_a.weight)")
+        if not a.base:
+            raise UserError("--from-urae-official needs --base MODEL to recompute the minor components")
+        mods = _official_modules(sd, a.input)
+        print(f"{a.input}: official URAE adapter, {len(mods)} modules, rank "
+              f"{sorted({g['a'].shape[0] for g in mods.values()})}; base {a.base}"
+              + (f" + {a.base_lora}" if a.base_lora else "") + f" -> {output} ({a.to or 'peft'})")
+        out, meta = import_official(sd, a.base, a.base_lora, not a.exclude_base_lora, a.input,
+                                    svd_device=a.svd_device)
+        if a.to == "kohya":
+            out, meta = to_kohya(out, meta, a.input, dtype)
+        elif dtype is not None:
+            out, meta = to_peft(out, meta, a.input, dtype)
+    else:
+        if form == "urae-official":
+            raise UserError(f"{a.input} is an official URAE adapter; add --from-urae-official --base MODEL")
+        if not a.to:
+            raise UserError("say which form to write: --to peft or --to kohya")
+        recs = lora_modules(sd, a.input)
+        print(f"{a.input}: {form} LoRA, {len(recs)} modules -> {output} ({a.to})")
+        conv = to_kohya if a.to == "kohya" else to_peft
+        kwargs = {"skip_text_encoder": a.skip_text_encoder} if a.to == "peft" else {}
+        out, meta = conv(sd, meta, a.input, dtype, **kwargs)
+    meta = output_metadata(refreshed_metadata(out, meta, a.input), a.no_metadata)
+    if any(k.startswith("sshs_") for k in meta):  # sd-scripts' file hashes: recompute for the new tensors
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(out, meta)
+    save_safetensors_atomic(out, output, meta)
     n = sum(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in out)
-    print(f"wrote {a.output}: {n} modules")
+    print(f"wrote {output}: {n} modules")
     return 0
 
 

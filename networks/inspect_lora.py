@@ -20,6 +20,7 @@ from collections import Counter
 
 import torch
 
+from networks.lora_files import FINAL_BFL, FINAL_DIFFUSERS, UserError, run_cli, user_errors
 from networks.minor_lora import (
     PEFT_TE,
     PEFT_UNET,
@@ -34,13 +35,11 @@ from networks.minor_lora import (
 )
 from urae.flux_keys import linear_pairs
 
-FLUX_URAE_LAYERS = 190  # DESIGN §4: 19 x 4 + 38 x 3 attention projections of FLUX.1
+FLUX_URAE_LAYERS = 190  # 19 double blocks x 4 + 38 single blocks x 3 attention projections of FLUX.1
 OFFICIAL_RE = re.compile(
     r"^(?:transformer\.)?((?:single_)?transformer_blocks\.\d+)\.attn\.processor\.(to_q|to_k|to_v|to_out)_(a|b)\.weight$"
 )
 _URAE_RE = re.compile(TARGET_PRESETS["urae"])
-# BFL's final AdaLN Linear; diffusers' norm_out.linear holds the same rows with its halves swapped.
-FINAL_BFL, FINAL_DIFFUSERS = "final_layer.adaLN_modulation.1", "norm_out.linear"
 
 
 def read_lora(path) -> tuple[dict, dict]:
@@ -49,17 +48,19 @@ def read_lora(path) -> tuple[dict, dict]:
 
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        sd, meta = load_safetensors(path)
+        with user_errors():
+            sd, meta = load_safetensors(path)
     else:
         try:
             sd, meta = read_lora_file(path)
         except FileNotFoundError:
             raise
         except Exception as e:  # torch.load raises assorted errors for a damaged file
-            raise ValueError(f"{path}: not a readable LoRA file (truncated or corrupt?): {e}") from e
+            raise UserError(f"{path}: not a readable LoRA file (truncated or corrupt?): {e}") from e
     if not sd:
-        raise ValueError(f"{path}: the file holds no tensors")
-    check_finite(sd, path)
+        raise UserError(f"{path}: the file holds no tensors")
+    with user_errors():
+        check_finite(sd, path)
     return sd, dict(meta)
 
 
@@ -98,17 +99,18 @@ def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
     A key that is neither is an error that names it.
     """
     if is_official(sd):
-        raise ValueError(f"{source} is an official URAE 4K adapter file; convert it first "
-                         f"(python -m networks.convert_lora IN OUT --from-urae-official --base MODEL)")
-    groups = group_lora_keys(sd)
+        raise UserError(f"{source} is an official URAE 4K adapter file; convert it first "
+                        f"(python -m networks.convert_lora IN OUT --from-urae-official --base MODEL)")
+    with user_errors(source):
+        groups = group_lora_keys(sd)
     if not groups:
-        raise ValueError(f"{source}: no LoRA weights (lora_down/lora_up or lora_A/lora_B keys) found; "
-                         f"keys look like {sorted(sd)[:3]}")
+        raise UserError(f"{source}: no LoRA weights (lora_down/lora_up or lora_A/lora_B keys) found; "
+                        f"keys look like {sorted(sd)[:3]}")
     table, dtable = _kohya_table(groups), _kohya_diffusers_table(groups)
     known = {s for s in (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")}
     stray = [k for k in sd if not any(k.endswith(s) for s in known)]
     if stray:
-        raise ValueError(f"{source}: unsupported tensors (not a plain LoRA: DoRA/LoHa/...?): {stray[:4]}")
+        raise UserError(f"{source}: unsupported tensors (not a plain LoRA: DoRA/LoHa/...?): {stray[:4]}")
     out, foreign = [], []
     for key, g in sorted(groups.items()):
         rec = {"key": key, "form": g["form"], "down": g["down"], "up": g["up"], "rank": g["down"].shape[0], "te": None}
@@ -139,8 +141,8 @@ def lora_modules(sd: dict, source: str = "LoRA file") -> list[dict]:
         out.append(rec)
     if foreign:
         what = "none of its modules" if not out else f"{len(foreign)} of its modules"
-        raise ValueError(f"{source}: LoRA for another model: {what} are FLUX transformer Linear layers, "
-                         f"e.g. {foreign[:3]}")
+        raise UserError(f"{source}: LoRA for another model: {what} are FLUX transformer Linear layers, "
+                        f"e.g. {foreign[:3]}")
     return out
 
 
@@ -221,18 +223,45 @@ def describe(path) -> dict:
             "params": sum(r["down"].numel() + r["up"].numel() for r in recs),
         })
     info["other_layers"] = info["diffusers_layers"] - info["urae_layers"]
+    note = rank_note(meta, info)
+    if note:
+        info["rank_note"] = note
     if form == "ours" and meta.get("urae_layout") not in (None, info["layout"]):
         info["note"] = (f"written by minor_lora in the {meta['urae_layout']} layout and converted: it applies the "
                         f"same ΔW; minor_lora resumes training only from a file in the model's own layout")
-    ours = {k: v for k, v in meta.items() if k.startswith("urae_") and k != "urae_structure"}
+    ours = {k: v for k, v in meta.items() if k.startswith("urae_") and k not in ("urae_structure",
+                                                                                  "urae_source_structure")}
     if "urae_runtime" in ours:
         ours["urae_runtime"] = json.loads(ours["urae_runtime"])
     if "urae_structure" in meta:
         ours["urae_structure"] = f"{len(json.loads(meta['urae_structure']))} modules (lets minor_lora resume)"
+    if "urae_source_structure" in meta:
+        ours["urae_source_structure"] = (f"{len(json.loads(meta['urae_source_structure']))} modules of the "
+                                         f"{meta.get('urae_layout', '?')}-layout original (convert back to resume)")
     info["urae_metadata"] = ours
     info["ss_metadata"] = {k: v for k, v in meta.items() if k.startswith(("ss_", "sshs_"))}
     info["other_metadata"] = sorted(k for k in meta if not k.startswith(("urae_", "ss_", "sshs_")))
     return info
+
+
+def rank_note(meta: dict, info: dict) -> str | None:
+    """Why the file's ranks are not the rank it was trained at (a minor/major adapter is saved as 2r)."""
+    init, r = meta.get("urae_init"), meta.get("urae_rank", "")
+    if init not in ("minor", "major") or not r.isdigit():
+        return None
+    r = int(r)
+    note = (f"trained at rank {r} with init={init}: each adapted layer holds {r} trained + {r} frozen {init} "
+            f"components, so its exact standard-LoRA form has rank {2 * r} (the trained change is their "
+            f"difference); extract_lora needs --rank {2 * r} to recover it")
+    if info.get("fused_modules"):
+        note += "; fused qkv/linear1 modules hold the ranks of their q, k, v (and MLP) slices side by side"
+    if any(int(k) > 2 * r for k in info.get("ranks", {})) and not info.get("fused_modules"):
+        note += "; larger ranks hold a LoRA stacked with it (ranks add)"
+    return note
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K" if n >= 1e3 else str(n)
 
 
 def _size(n: int) -> str:
@@ -249,9 +278,10 @@ def format_text(info: dict) -> str:
         f"  modules:   {info['modules']} transformer" + (f" + {info['text_encoder_modules']} text encoder"
                                                         if info.get("text_encoder_modules") else "")
         + (f" ({info['fused_modules']} fused qkv/linear1)" if info.get("fused_modules") else ""),
-        f"  ranks:     {counts(info['ranks'])}",
+        f"  ranks:     {counts(info['ranks'])}" + (f"\n             ({info['rank_note']})"
+                                                     if info.get("rank_note") else ""),
         f"  alphas:    {counts(info['alphas'])}   effective scale alpha/rank: {counts(info['scales'])}",
-        f"  dtype:     {counts(info['dtypes'])}",
+        f"  dtype:     {counts(info['dtypes'])}" + (f"   parameters: {_count(info['params'])}" if "params" in info else ""),
         f"  targets:   {info['diffusers_layers']} diffusers Linear layers: {info['urae_layers']} URAE layers"
         + (" (the full FLUX.1 URAE set)" if info["urae_layers"] == FLUX_URAE_LAYERS else "")
         + (f" + {info['other_layers']} others" if info["other_layers"] else ""),
@@ -271,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help="LoRA file (.safetensors)")
     ap.add_argument("--json", action="store_true", help="print the facts as JSON")
     a = ap.parse_args(argv)
-    try:
+
+    def body():
         info = describe(a.file)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=1) if a.json else format_text(info))
-    return 0
+        print(json.dumps(info, indent=1) if a.json else format_text(info))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from urae.runtime import attention_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -15,20 +19,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 @pytest.mark.slow
 def test_benchmarks_quick_cpu(tmp_path):
-    out_json = tmp_path / "infer.json"
+    env = {**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}
     cmds = {
         "train": [sys.executable, "benchmarks/bench_train.py", "--quick"],
-        # --cpu: the tiny smoke mode even where a GPU is present, so this stays a seconds-long check
-        "infer": [sys.executable, "benchmarks/bench_infer_gpu.py", "--quick", "--cpu", "--budget-seconds", "0",
-                  "--json", str(out_json)],
+        # through the lent-GPU script, as a dry run: --cpu keeps the tiny smoke mode even where a GPU is present
+        "infer": ["bash", "benchmarks/run_on_gpu.sh", "600", "--quick", "--cpu"],
     }
     # Both at once: most of each run is importing diffusers/transformers, which overlaps well.
-    procs = {k: subprocess.Popen(c, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for k, c in cmds.items()}
     outs = {}
     for k, p in procs.items():
         try:
-            outs[k] = p.communicate(timeout=240)[0]
+            outs[k] = p.communicate(timeout=600)[0]
         except subprocess.TimeoutExpired:
             for q in procs.values():
                 q.kill()
@@ -42,18 +45,41 @@ def test_benchmarks_quick_cpu(tmp_path):
         assert re.search(rf"^{init}\s+{data}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+", train, re.M), (init, data, train)
     assert re.search(r"minor / plain: cached \d+\.\d+ \(\d+\.\d+\)", train)
 
-    infer = outs["infer"]
-    assert "command: python benchmarks/bench_infer_gpu.py --quick --cpu" in infer
+    summary = (tmp_path / "summary.txt").read_text()
+    assert re.search(r"^infer: exit 0 after \d+ s$", summary, re.M), summary
+    infer = (tmp_path / "infer.log").read_text()
+    assert infer in outs["infer"]
+    assert re.search(r"command: python benchmarks/bench_infer_gpu.py --budget-seconds \d+ --json \S+infer.json "
+                     r"--quick --cpu", infer)
     assert "TINY configuration" in infer and "anchor:" in infer and "FLOP per transformer pass" in infer
-    assert re.search(r"size\s+prop\.\s+ntk\s+s/image", infer)
-    assert re.search(r"^\s+128x128\s+off\s+1\s+\d+\.\d+", infer, re.M) and re.search(r"^\s+128x128\s+on\s", infer, re.M)
+    assert re.search(r"matmul ceiling of this device: \d", infer)
+    assert re.search(r"size\s+prop\.\s+ntk\s+s/step\s+TFLOP/s\s+% ceil\s+28-step s\s+decode s\s+image s", infer)
+    for attn in ("on", "off"):
+        assert re.search(rf"^\s+128x128\s+{attn}\s+1\s+(\d+\.\d+\s+){{2}}\d+%\s+(\d+\.\d+\s+){{3}}n/a/n/a\s+n/a/n/a\s+"
+                         r"flash \(CPU\) x4$", infer, re.M), attn
     for mode in ("split", "tiled", "untiled"):
         assert re.search(rf"^\s+{mode}\s+\d+\.\d+", infer, re.M), mode
-    res = json.loads(out_json.read_text())
-    assert res["tiny"] and not res["skipped"]
-    assert [(r["size"], r["proportional_attention"], r["status"]) for r in res["images"]] == [
-        (128, False, "ok"), (128, True, "ok")]
-    assert all(r["tflops"] > 0 and r["seconds"] >= r["denoise_s"] > 0 for r in res["images"])
+    assert re.search(r"^\s+flash: \d+\.\d+ ms$", infer, re.M) and re.search(r"^\s+math: \d+\.\d+ ms$", infer, re.M)
+    assert re.search(r"^\s+cuDNN: unavailable", infer, re.M)
+
+    res = json.loads((tmp_path / "infer.json").read_text())
+    assert res["tiny"] and not res["skipped"] and res["matmul_ceiling"]["tflops"] > 0
+    assert [(r["size"], r["proportional_attention"], r["status"]) for r in res["rows"]] == [
+        (128, True, "ok"), (128, False, "ok")]
+    for r in res["rows"]:  # steady state: warm-up steps are not timed; the image time is derived from s/step
+        assert (r["warmup_steps"], r["timed_steps"], len(r["step_seconds"])) == (2, 2, 2)
+        assert r["s_per_step"] == pytest.approx(statistics.median(r["step_seconds"]))
+        assert r["tflops"] == pytest.approx(r["flop_per_step"] / r["s_per_step"] / 1e12)
+        assert r["image_s"] == pytest.approx(28 * r["s_per_step"] + r["decode_s"]) and r["decode_s"] > 0
+        assert r["decode_path"] == "whole" and "reserved_gib" in r and "reserved_denoise_gib" in r
+        call = r["attention"]["sdpa_call"]  # the permuted views diffusers passes, and the scale that reached SDPA
+        assert call["shapes"][0] == [1, 2, 512 + 64, 16] and call["contiguous"] == [False] * 3
+    on, off = (r["attention"]["sdpa_call"]["kwargs"]["scale"] for r in res["rows"])
+    assert on == pytest.approx(attention_scale(576, 16)) and off is None
+    (layout,) = res["sdpa_layouts"]  # both rows pass the same layout: probed once
+    assert layout["backends"]["flash"]["status"] == layout["backends"]["math"]["status"] == "ok"
+    assert layout["backends"]["cuDNN"]["status"] == "unavailable"
+    assert [v["mode"] for v in res["vae"]] == ["split", "tiled", "untiled"] and res["vae"][0]["status"] == "ok"
 
 
 def test_flop_formula_matches_the_real_config():
@@ -87,3 +113,106 @@ def test_flop_formula_matches_the_real_config():
               txt_ids=torch.empty(512, 3), img_ids=torch.empty(n, 3), return_dict=False)
     assert fc.get_total_flops() == pytest.approx(flops_per_pass(FLUX_DEV_TRANSFORMER, 1024, 1024), rel=1e-3)
     assert params_estimate_flops(n_params, 4096, 4096, FLUX_DEV_TRANSFORMER) == pytest.approx(4.6e15, rel=0.01)
+
+
+def _tiny_pipeline():
+    from benchmarks.bench_infer_gpu import Device, build_transformer, build_vae, make_pipeline
+    from urae.tiny import transformer_config
+
+    dev = Device(cpu=True)
+    cfg = dict(transformer_config())
+    pipe = make_pipeline(build_transformer(cfg, dev), build_vae(True, dev))
+    g = torch.Generator().manual_seed(0)  # a short text sequence keeps these steps in the milliseconds
+    embeds = (torch.randn(1, 32, cfg["joint_attention_dim"], generator=g), torch.randn(1, cfg["pooled_projection_dim"],
+                                                                                        generator=g))
+    return dev, cfg, pipe, embeds
+
+
+def test_a_row_stops_inside_when_the_budget_runs_out():
+    from benchmarks.bench_infer_gpu import run_row
+
+    dev, cfg, pipe, embeds = _tiny_pipeline()
+    asked = []
+
+    def left():  # asked once after every step: room for three steps, then none
+        asked.append(1)
+        return 1e9 if len(asked) < 3 else -1.0
+
+    row, call = run_row(pipe, cfg, 64, True, embeds, dev, warmup=1, timed=3, image_steps=28, left=left, decode_est=0.0)
+    assert row["status"].startswith("stopped for the budget after 3 of 4 steps"), row["status"]
+    assert len(row["step_seconds"]) == 2 and row["s_per_step"] > 0 and row["tflops"] > 0  # what it measured stays
+    assert "decode_s" not in row and "image_s" not in row
+    assert row["attention"]["backends"] == {"flash (CPU)": 4}  # 2 double + 2 single blocks, profiled in step 1
+    assert call.call["kwargs"]["scale"] == pytest.approx(attention_scale(32 + 16, 16))
+    assert pipe.transformer.pos_embed.theta == 10000  # the runtime was undone although the row stopped
+
+    full, _ = run_row(pipe, cfg, 64, False, embeds, dev, warmup=1, timed=2, image_steps=28, left=lambda: 1e9,
+                      decode_est=0.0)
+    assert full["status"] == "ok" and len(full["step_seconds"]) == 2 and full["decode_s"] > 0
+
+
+@pytest.mark.parametrize("backend,label", [("MATH", "math"), ("FLASH_ATTENTION", "flash (CPU)")])
+def test_the_recorded_kernel_is_the_one_that_ran(backend, label):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks.gpu_probes import Device, KernelProbe
+
+    q, k, v = (torch.randn(1, 40, 2, 8).permute(0, 2, 1, 3) for _ in range(3))  # [B, S, H, D] viewed as [B, H, S, D]
+    probe = KernelProbe(Device(cpu=True))
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        probe.start()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5)
+        probe.stop()
+    s = probe.summary()
+    assert s["backends"] == {label: 1} and s["kernel"] == f"{label} x1"
+    assert s["sdpa_call"]["strides"][0] == [640, 8, 16, 1] and s["sdpa_call"]["kwargs"]["scale"] == 0.5
+
+
+def test_rows_that_cannot_fit_are_skipped(tmp_path):
+    from benchmarks.bench_infer_gpu import main
+
+    out = tmp_path / "r.json"
+    assert main(["--cpu", "--quick", "--vae-size", "0", "--budget-seconds", "0.001", "--attention", "urae",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"] == [] and [(s["size"], s["proportional_attention"]) for s in res["skipped"]] == [(128, True)]
+
+
+def test_decode_estimate():
+    from benchmarks.bench_infer_gpu import decode_estimate
+
+    assert decode_estimate({}, 4096) == 0.0
+    assert decode_estimate({1024: 1.0, 4096: 9.0}, 4096) == 9.0  # measured at that size: as measured
+    assert decode_estimate({1024: 1.0, 2048: 3.0}, 4096) == 24.0  # else the largest, by pixels, doubled
+
+
+def test_the_gpu_report(capsys):
+    """The report's GPU-only parts (memory columns, kernel names, the 4096² verdict) from a GPU-shaped result."""
+    from benchmarks.bench_infer_gpu import FLUX_DEV_TRANSFORMER, Device, flops_per_pass, print_report
+
+    f = flops_per_pass(FLUX_DEV_TRANSFORMER, 4096, 4096)
+    attention = {"kernel": "flash x57", "gpu_kernels_ms": [["pytorch_flash::flash_fwd_kernel", 2500.0]]}
+    row = {"size": 4096, "proportional_attention": True, "ntk_factor": 10.0, "status": "ok", "s_per_step": 5.0,
+           "tflops": f / 5.0 / 1e12, "denoise_image_s": 140.0, "decode_s": 10.0, "image_s": 150.0, "flop_per_step": f,
+           "peak_denoise_gib": 30.0, "reserved_denoise_gib": 32.5, "peak_gib": 41.0, "reserved_gib": 44.0,
+           "attention": attention}
+    results = {"matmul_ceiling": {"tflops": 790.0}, "image_steps": 28, "warmup_steps": 2, "timed_steps": 5,
+               "rows": [row], "skipped": [{"size": 4096, "proportional_attention": False, "estimated_s": 60.0,
+                                           "left_s": 20.0}], "sdpa_layouts": [], "vae": []}
+    print_report(results, Device(cpu=True), tiny=False)
+    out = capsys.readouterr().out
+    assert re.search(r"4096x4096\s+on\s+10\s+5\.0000\s+781\.6\s+99%\s+140\.00\s+10\.00\s+150\.00\s+30\.0/32\.5\s+"
+                     r"41\.0/44\.0\s+flash x57", out), out
+    assert re.search(r"4096x4096\s+off\s+skipped for the budget: needs ~60 s, 20 s were left", out)
+    assert "2500.00  pytorch_flash::flash_fwd_kernel" in out
+    # 28 x 5 s + 10 s decode = 150 s; the goal's 180 s leave 170 s for 28 steps of 3.908 PFLOP = 644 TFLOP/s
+    assert re.search(r"URAE runtime: 150 s = 2\.50 min .* goal <= 3 min: met .* 99% of this GPU's measured bf16 "
+                     r"matmul ceiling \(790 TFLOP/s\); the goal needs 644 TFLOP/s", out), out
+
+
+def test_gpu_script_refuses_a_bad_budget(tmp_path):
+    r = subprocess.run(["bash", "benchmarks/run_on_gpu.sh", "9m"], cwd=ROOT, env={**ENV, "OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: BUDGET_SECONDS must be a whole number of seconds, "
+                                                       "got '9m'\n")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was installed or written

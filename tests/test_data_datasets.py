@@ -49,6 +49,24 @@ def test_missing_captions_one_warning_with_count(tmp_path, caplog):
     assert sorted(it.captions["prompt"] for it in res.items) == ["", "", "has one"]
 
 
+def test_images_much_smaller_than_their_bucket_one_warning(tmp_path, caplog):
+    # at 128: 128² fits as is, 96² is enlarged 1.33x (quiet), 80² and 40x80 (bucket 64x128) 1.6x (counted)
+    for name, (w, h) in {"a": (128, 128), "b": (96, 96), "c": (80, 80), "d": (40, 80), "e": (32, 128)}.items():
+        write_image(tmp_path / f"{name}.png", w, h)
+    with caplog.at_level(logging.WARNING):
+        res = scan(_opts(train_data_dir=str(tmp_path)))
+    assert sorted((p.name, round(f, 2)) for p, f in res.upscaled) == [("c.png", 1.6), ("d.png", 1.6)]
+    warnings = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("2 of 5 images are upscaled more than 1.5× to fit their bucket (most: 1.60×")
+    assert "URAE's 4K recipe needs real ≥ 4K photos" in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = scan(_opts(train_data_dir=str(tmp_path), bucket_no_upscale=True))
+    assert res.upscaled == [] and "upscaled" not in caplog.text
+
+
 def test_undecodable_files_skipped_and_listed(tmp_path, caplog):
     write_image(tmp_path / "ok.png", 48, 48)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")

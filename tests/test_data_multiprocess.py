@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from urae.common import free_port
 from urae.data.synthetic import write_image
 
@@ -27,6 +29,7 @@ def _launch(model, data, cache, stats):
     return ranks, out.stdout
 
 
+@pytest.mark.slow
 def test_two_process_caching_splits_work_and_completes(tmp_path, tiny_flux_dir):
     from diffusers import FluxPipeline
 

@@ -179,7 +179,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
         tiny_flux_dir = tmp_path / "no-model-here"  # found before any model is looked at
     rc, out = run(tmp_path, tiny_flux_dir, *extra)
     assert rc == 2
-    assert want in capsys.readouterr().out
+    assert want in capsys.readouterr().err
     assert not list(out.glob("*.png")) if out.exists() else True
 
 
@@ -236,7 +236,7 @@ def test_two_stage_draft_not_smaller_than_the_target_is_refused_before_loading(t
     rc, out = run(tmp_path, tiny_flux_dir, "--prompts_file", str(f), "--width", "512", "--height", "512",
                   "--init_resolution", "256")
     assert rc == 2
-    err = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "256x256 draft, not smaller than the 256x256 target of prompt 1 (its --w/--h)" in err[0]
     assert not out.exists(), "refused before anything was written"
 
@@ -244,7 +244,7 @@ def test_two_stage_draft_not_smaller_than_the_target_is_refused_before_loading(t
 def test_hub_lora_offline_is_one_error_line(tiny_flux_dir, tmp_path, capsys):
     rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--lora", "nobody-urae-test/none/urae_4k.safetensors")
     assert rc == 2
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "error: nobody-urae-test/none/urae_4k.safetensors: no such local file" in printed
     assert "offline" in printed and "Traceback" not in printed
 
@@ -282,3 +282,8 @@ def test_lora_names_local_paths_pass_through_and_hub_files_come_from_the_cache(t
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
     got = resolve_lora_file("someone/urae/sub/urae_2k.safetensors")
     assert open(got, "rb").read() == b"weights"
+
+    from urae.adapters import AdapterError, check_adapter_file
+
+    with pytest.raises(AdapterError, match="not in the cache"):  # the training command's early base_lora check
+        check_adapter_file("someone/urae/sub/other.safetensors")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from networks import minor_lora as ml
@@ -869,3 +870,193 @@ def test_fused_bfl_gradients_equal_the_per_projection_gradients():
         for a, b in ((fused.lora_down[i], sep.lora_down[0]), (fused.lora_up[i], sep.lora_up[0])):
             assert a.grad is not None and b.grad.abs().max() > 0
             assert (a.grad - b.grad).abs().max() < 1e-5 * b.grad.abs().max() + 1e-7
+
+
+# ---------------------------------------------------------------- plain_init, ranks, parsers
+
+
+def _flux_width_tree(device="meta"):
+    """One double and one single block's URAE targets at FLUX.1's real width, weights on `device`."""
+    h = 3072
+    shapes = {"transformer_blocks.0.attn.to_q": (h, h), "transformer_blocks.0.attn.to_k": (h, h),
+              "transformer_blocks.0.attn.to_v": (h, h), "transformer_blocks.0.attn.to_out.0": (h, h),
+              "single_transformer_blocks.0.attn.to_q": (h, h), "single_transformer_blocks.0.attn.to_k": (h, h),
+              "single_transformer_blocks.0.attn.to_v": (h, h)}
+    with torch.device(device):
+        return module_tree({n: torch.empty(s) for n, s in shapes.items()})
+
+
+def test_plain_init_gaussian_matches_peft_distribution():
+    """PEFT's init_lora_weights="gaussian" (the public URAE 2K run): A ~ N(0, std 1/r), B = 0; kaiming stays the
+    default (uniform, bound 1/sqrt(in)), about 6x smaller at width 3072."""
+    r = 16
+    torch.manual_seed(0)
+    gauss = ml.create_network(1.0, r, r, None, [], _flux_width_tree(), init="plain", plain_init="gaussian",
+                              verbose="False")
+    kaiming = ml.create_network(1.0, r, r, None, [], _flux_width_tree(), init="plain", verbose="False")
+    assert kaiming.plain_init == "kaiming"
+    down = torch.cat([lo.lora_down[0].detach().flatten() for lo in gauss.unet_loras]).double()
+    n, std = down.numel(), 1.0 / r
+    assert n == 7 * r * 3072
+    # mean within 5 standard errors; sample std within 2 % (its standard error is 0.3 % here)
+    assert abs(down.mean().item()) < 5 * std / math.sqrt(n)
+    assert abs(down.std().item() / std - 1) < 0.02
+    # normal, not uniform: 68.3 % within one std (a uniform law of the same std gives 57.7 %)
+    assert abs((down.abs() < std).double().mean().item() - 0.6827) < 0.01
+    assert all(not lo.lora_up[0].any() for lo in gauss.unet_loras)  # up exactly zero
+    k_down = torch.cat([lo.lora_down[0].detach().flatten() for lo in kaiming.unet_loras]).double()
+    assert k_down.abs().max() <= 1 / math.sqrt(3072)
+    ratio = down.std().item() / k_down.std().item()
+    print(f"gaussian down std {down.std().item():.5f} (1/r = {std:.5f}); kaiming {k_down.std().item():.5f}; "
+          f"ratio {ratio:.2f}")
+    assert 5.5 < ratio < 6.5
+
+
+def test_plain_init_gaussian_zero_change_recorded_and_checked_on_resume(tmp_path):
+    t = tiny()
+    y0 = run(t)
+    net = make(t, "plain", plain_init="gaussian")
+    assert run(t).sub(y0).abs().max().item() == 0.0  # up = 0: no change at init
+    perturb(net, seed=2)
+    assert run(t).sub(y0).abs().max().item() > 1e-4
+    f = tmp_path / "g.safetensors"
+    net.save_weights(str(f), None, {})
+    meta = ml._read_file(str(f))[1]
+    assert meta["urae_plain_init"] == "gaussian" and json.loads(meta["ss_network_args"])["plain_init"] == "gaussian"
+    with pytest.raises(ValueError, match="plain_init=gaussian.*plain_init=kaiming"):
+        make(tiny(), "plain").load_weights(str(f))
+    again = make(tiny(), "plain", plain_init="gaussian")
+    again.load_weights(str(f))
+    assert all(torch.equal(a, b) for a, b in zip(_state(net).values(), _state(again).values()))
+    net2, _ = ml.create_network_from_weights(1.0, str(f), None, [], tiny())
+    assert net2.plain_init == "gaussian"
+    with pytest.raises(ValueError, match="plain_init='normal'"):
+        make(tiny(), "plain", plain_init="normal")
+    # minor/major files carry no plain_init
+    make(t2 := tiny(), "minor").save_weights(str(tmp_path / "m.safetensors"), None, {})
+    assert "urae_plain_init" not in ml._read_file(str(tmp_path / "m.safetensors"))[1]
+    assert t2 is not None
+
+
+@pytest.mark.parametrize("init", ["minor", "plain"])
+def test_rank_metadata_and_export_rank(init, tmp_path):
+    """ss_network_dim/alpha as sd-scripts writes them (the trained rank); the file's tensors have rank 2r for
+    minor/major (r trained + r frozen), which urae_export_rank states; both give the same scale."""
+    net = make(tiny(), init)
+    f = tmp_path / "r.safetensors"
+    net.save_weights(str(f), None, {})
+    sd, meta = ml._read_file(str(f))
+    file_rank = next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0]
+    file_alpha = float(next(v for k, v in sd.items() if k.endswith(".alpha")))
+    want = 2 * R if init == "minor" else R
+    assert file_rank == want and meta["urae_export_rank"] == str(want) and meta["urae_rank"] == str(R)
+    assert meta["ss_network_dim"] == str(R) and float(meta["ss_network_alpha"]) == ALPHA
+    assert math.isclose(float(meta["ss_network_alpha"]) / int(meta["ss_network_dim"]), file_alpha / file_rank)
+    assert float(meta["urae_export_alpha"]) == file_alpha
+    words = net.describe_rank()
+    assert (f"rank {2 * R}" in words and f"{R} trained + {R} frozen" in words) if init == "minor" else \
+        words == f"rank {R} (saved files: rank {R})"
+
+
+def test_parameter_count_reads_well(caplog):
+    assert [ml.format_count(n) for n in (512, 7168, 18_677_760, 1_200_000_000)] == ["512", "7.17 K", "18.7 M",
+                                                                                     "1.2 B"]
+    with caplog.at_level("INFO", logger="networks.minor_lora"):
+        net = ml.MinorLoRANetwork([], _flux_width_tree(), lora_dim=16, alpha=16, init="minor")
+    # the URAE set is 190 such layers: 190 * 16 * (3072 + 3072) = 18.7 M
+    assert net.trainable_parameter_count() == 7 * 16 * 6144 == sum(p.numel() for lo in net.unet_loras
+                                                                   for p in lo.parameters())
+    line = next(r.getMessage() for r in caplog.records if "trainable parameters" in r.getMessage())
+    assert "688 K trainable parameters" in line and "rank 32: 16 trained + 16 frozen minor components" in line
+
+
+def test_one_boolean_parser_and_dtype_names(tmp_path):
+    assert [ml.as_bool(v) for v in ("True", "false", " YES ", "0", True, 0)] == [True, False, True, False, True,
+                                                                                False]
+    with pytest.raises(ValueError, match="train_t5xxl='maybe': expected true or false"):
+        make(tiny(), "plain", train_t5xxl="maybe")
+    assert ml.as_dtype("bf16") is torch.bfloat16 and ml.as_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="dtype 'fp4'"):
+        ml.as_dtype("fp4")
+    net = make(tiny(), "minor")
+    net.save_weights(str(tmp_path / "h.safetensors"), "fp16", {})  # a name works where sd-scripts passes a dtype
+    assert all(v.dtype == torch.float16 for v in ml._read_file(str(tmp_path / "h.safetensors"))[0].values())
+
+
+# ---------------------------------------------------------------- base weights stored in fp8, moved by hooks
+
+
+def _fp8_storage_hooks(model):
+    """fp8 storage as a trainer's memory options do it by hand: each block Linear keeps its weight in
+    float8_e4m3fn between forwards; a pre-hook upcasts it for the forward, a forward hook puts fp8 back.
+    The weight tensor is a new object on every call (as with block swap moving it between devices)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and "blocks." in name:
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+            m.register_forward_pre_hook(lambda mod, args: setattr(mod.weight, "data", mod.weight.data.float()))
+            m.register_forward_hook(lambda mod, args, out: setattr(
+                mod.weight, "data", mod.weight.data.to(torch.float8_e4m3fn)))
+
+
+@pytest.mark.parametrize("storage", ["pre_hook", "diffusers_layerwise_casting"])
+def test_adapter_on_fp8_stored_base(storage, tmp_path):
+    from safetensors.torch import save_file
+
+    ref_model = tiny()
+    full = {n: m.weight.detach().clone() for n, m in ref_model.named_modules() if isinstance(m, nn.Linear)}
+    ref = make(ref_model, "minor")
+    ref.initialize()
+    perturb(ref, seed=6)
+
+    q_model = tiny()
+    q = make(q_model, "minor")  # the adapter first, then the storage hooks (the trainer's order)
+    if storage == "pre_hook":
+        _fp8_storage_hooks(q_model)
+    else:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(q_model, torch.float8_e4m3fn, torch.float32)
+    lin = q_model.transformer_blocks[0].attn.to_q
+    assert lin.weight.dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="float8_e4m3fn.*svd_weights"):
+        q.initialize()  # the SVD of the rounded weights would not find W's minor components
+    # the full-precision model, as svd_weights= in network_args: one file, or a folder of shards (diffusers)
+    tensors = {f"{n}.weight": w for n, w in full.items()}
+    if storage == "pre_hook":
+        source = tmp_path / "full.safetensors"
+        save_file(tensors, str(source))
+    else:
+        source = tmp_path / "transformer"
+        source.mkdir()
+        keys = sorted(tensors)
+        for j, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+            save_file({k: tensors[k] for k in part}, str(source / f"model-0000{j + 1}-of-00002.safetensors"))
+    q.set_svd_weights(str(source))
+    with pytest.raises(FileNotFoundError, match="svd_weights .*nope"):  # a wrong path fails before any work
+        make(tiny(), "minor", svd_weights=str(tmp_path / "nope.safetensors"))
+    q.initialize()
+    perturb(q, seed=6)
+    a, b = _state(ref), _state(q)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same SVD, same factors
+
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    worst_change = worst_out = 0.0
+    with torch.no_grad():
+        for lo_ref, lo_q in zip(ref.unet_loras, q.unet_loras):
+            m_ref, m_q = lo_ref.org_module_ref[0], lo_q.org_module_ref[0]
+            y_ref, y_q = m_ref(x), m_q(x)
+            for net in (ref, q):
+                net.set_enabled(False)
+            base_ref, base_q = m_ref(x), m_q(x)
+            for net in (ref, q):
+                net.set_enabled(True)
+            assert m_q.weight.dtype == torch.float8_e4m3fn  # stored in fp8 again after each call
+            stored_bias = None if m_q.bias is None else m_q.bias.float()  # layerwise casting stores it in fp8 too
+            # what fp8 storage changes in the base output
+            rounding = F.linear(x, m_q.weight.float(), stored_bias) - F.linear(x, m_ref.weight, m_ref.bias)
+            worst_change = max(worst_change, ((y_q - base_q) - (y_ref - base_ref)).abs().max().item())
+            worst_out = max(worst_out, (y_q - y_ref - rounding).abs().max().item())
+            assert rounding.abs().max() > 1e-4  # fp8 really rounded the base
+    print(f"fp8 base ({storage}): adapter change vs fp32 base {worst_change:.2e}; output minus fp8 rounding "
+          f"{worst_out:.2e}")
+    assert worst_change < 1e-5 and worst_out < 1e-5

@@ -100,16 +100,26 @@ def test_proportional_attention_equals_scaled_queries(model, width, height):
     assert (got - stock).abs().max() > 1e-3 * want.abs().max(), "the scale must change the output"
 
 
-@torch.no_grad()
 def test_proportional_attention_with_gradient_checkpointing_matches(model):
-    m = copy.deepcopy(model).train()
-    m.enable_gradient_checkpointing()
-    x = _inputs(m)
-    with apply_highres(m, {"proportional_attention": True, "base_seq_len": 16}):
-        a = m(**x)[0]
-    with apply_highres(model, {"proportional_attention": True, "base_seq_len": 16}):
-        b = model(**x)[0]
+    """With gradients (checkpointing is skipped under no_grad): the recompute in backward must see the same
+    attention scale, so outputs and gradients equal those of the plain model."""
+    settings = {"proportional_attention": True, "base_seq_len": 16}
+    x = _inputs(model)
+    results = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model).train().requires_grad_(True)
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+        calls = []
+        m.transformer_blocks[0].register_forward_pre_hook(lambda *a, c=calls: c.append(1))  # recompute stops early
+        with apply_highres(m, settings):
+            out = m(**x)[0]
+            out.square().mean().backward()
+        results.append((out.detach(), m.transformer_blocks[0].attn.to_q.weight.grad.clone(), len(calls)))
+    (a, ga, n_plain), (b, gb, n_ckpt) = results
+    assert (n_plain, n_ckpt) == (1, 2)  # the checkpointed block really ran again in backward
     assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-5)
 
 
 def test_static_shift_scheduler_and_restore(tiny_flux_dir):

@@ -70,8 +70,9 @@ def resolve_lora_file(spec: str | os.PathLike) -> str:
 
 
 def check_adapter_file(path: str | os.PathLike) -> dict:
-    """Cheap validation before any model is loaded: exists, readable, has LoRA-looking keys. Returns metadata."""
-    p = Path(path).expanduser()
+    """Cheap validation before any model is loaded: exists, readable, has LoRA-looking keys. Returns metadata.
+    A hub name (`owner/repo/file.safetensors`) is fetched into the cache here, in the early checks."""
+    p = Path(resolve_lora_file(path))
     try:
         keys, meta = read_safetensors_header(p)
     except (FileNotFoundError, ValueError) as e:

@@ -41,12 +41,18 @@ def draw_sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.
     return img, f"a {fg} {shape} on the {where}, on a gradient from {bg1} to {bg2}"
 
 
+DEMO_MARKER = ".urae-demo"  # marks a folder the demo made, the only kind it writes into
+
+
 def write_demo_dataset(folder: str | os.PathLike, n: int = 16, seed: int = 0) -> Path:
-    """n PNG images with .txt captions (the sd-scripts folder convention), written once."""
+    """n PNG images with .txt captions (the sd-scripts folder convention), written once.
+
+    Only into a new folder or one the demo made: a user's own folder is never filled with demo images."""
     folder = Path(folder)
-    if folder.is_dir() and len(list(folder.glob("*.png"))) >= n:
+    if folder.is_dir() and (not (folder / DEMO_MARKER).is_file() or len(list(folder.glob("*.png"))) >= n):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("procedural images written by `demo = true`\n")
     rng = np.random.default_rng(seed)
     for i in range(n):
         img, caption = draw_sample(rng, SIZES[i % len(SIZES)])

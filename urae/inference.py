@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -282,6 +283,6 @@ def main(argv=None) -> int:
         print("settings:\n" + format_table(cfg, only_changed=True))
         run(cfg)
     except (ConfigError, ModelLoadError, AdapterError) as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)  # as the training command
         return 2
     return 0

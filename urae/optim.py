@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from urae.config import ConfigError
+
 OPTIMIZERS = ("prodigy", "adamw", "adamw8bit", "adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
 
@@ -33,7 +35,7 @@ def parse_kwargs(items: list[str] | None, what: str) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{what}: {item!r} is not key=value")
+            raise ConfigError(f"{what}: {item!r} is not key=value")
         out[key.strip()] = _parse_value(value.strip())
     return out
 
@@ -63,12 +65,21 @@ def make_optimizer(name: str, params, lr: float, args: list[str] | None = None):
 
         return Adafactor(params, lr=lr, **{"scale_parameter": False, "relative_step": False, "warmup_init": False,
                                            **kwargs})
-    raise ValueError(f"unknown optimizer_type {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer_type {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
     from diffusers.optimization import get_scheduler
 
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown lr_scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown lr_scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def check_optimizer(name: str, lr: float, args: list[str] | None) -> None:
+    """Build the optimizer on one dummy parameter: a misspelt optimizer_args key fails now, not after the model
+    has loaded."""
+    try:
+        make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], lr, args)
+    except TypeError as e:
+        raise ConfigError(f"optimizer_args {args} do not fit optimizer_type = {name}: {e}") from None

@@ -66,6 +66,8 @@ OPTIONS = [
     Option("save_every_n_steps", int, None, "save adapter + training state every N steps"),
     Option("save_last_n_steps", int, None, "keep only states from the last N steps"),
     Option("save_precision", str, "fp32", "adapter file dtype", choices=("fp32", "bf16", "fp16")),
+    Option("no_metadata", bool, False, "final file: only what loaders need (structure, runtime settings), no training "
+           "details (sd-scripts' no_metadata)"),
     Option("resume", str, None, "'auto' (newest state in output_dir) or a state folder"),
     Option("overwrite", bool, False, "allow output_dir to hold another run's files"),
     Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--g flags allowed)"),
@@ -75,6 +77,14 @@ OPTIONS = [
     Option("sample_steps", int, None, "sample denoising steps (default 28 dev, 4 schnell)"),
     Option("log_with", str, None, "tensorboard (when installed); unset = none", choices=("tensorboard", "none")),
     Option("logging_dir", str, None, "TensorBoard folder (default <output_dir>/logs)"),
+    # GPU memory (urae.memory); explicit keys override what memory = auto chose
+    Option("memory", str, "auto", "auto: block swap / activation offload / fp8 chosen from the GPU's memory and the "
+           "resolution; off: everything resident", choices=("auto", "off")),
+    Option("blocks_to_swap", int, None, "N transformer blocks live in host memory, copied in just before they run "
+           "(lossless; needs gradient_checkpointing)"),
+    Option("fp8_base", bool, None, "store the frozen base weights as float8 e4m3, upcast per layer (lossy: see the "
+           "README's fp8 note)"),
+    Option("offload_activations", bool, None, "checkpointed block inputs wait in host memory for backward (lossless)"),
 ]
 
 
@@ -129,5 +139,5 @@ def network_kwargs(cfg: dict) -> dict:
     if cfg["base_lora"]:
         from urae.adapters import resolve_lora_file
 
-        out["base_lora"] = resolve_lora_file(cfg["base_lora"])  # a hub file is fetched into the usual cache
+        out["base_lora"] = resolve_lora_file(cfg["base_lora"])  # a hub file: from the usual cache
     return out

@@ -1,21 +1,30 @@
-"""The URAE training run: load, cache, adapt, train with the flow objective, save, sample, resume.
+"""The URAE training run as five named stages: plan, caches, model, loop, save.
 
-Multi-process through accelerate: every rank holds the frozen model and its adapter; each trains on
-its share of every step's batches and the adapter gradients are averaged explicitly (all-reduce) before
-each optimizer step, so every rank holds the same adapter. Randomness (batch order, timesteps, noise,
-dropout) is a function of (seed, step, rank), so a resumed run repeats an uninterrupted one.
+1. plan (urae.train_plan): every check that needs no model; fails in seconds; prints what will run.
+2. caches: text encoders and VAE in, latents and captions cached, encoders out; nothing else resident.
+3. model: the transformer, the memory options, the high-res runtime, the network module.
+4. loop: one short loop; states and samples at step boundaries.
+5. save: the exact standard-LoRA file.
+
+Multi-process through accelerate: every rank trains on its share of each step's batches and the adapter
+gradients are averaged as urae.train_sync explains. Randomness (batch order, timesteps, noise, dropout)
+is a function of (seed, step, rank), so a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import importlib
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,14 +32,12 @@ import torch
 
 from urae.checkpoints import (
     RUN_MARKER,
-    check_output_dir,
     clear_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
-    resolve_resume,
     save_state,
     state_dir,
     truncate_log,
@@ -39,13 +46,17 @@ from urae.config import ConfigError, format_table, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
 from urae.runtime import HighResSettings, apply_highres
-from urae.train_options import DATA_KEYS, OPTIONS, check, network_kwargs
+from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
+from urae.train_memory import resolve_memory
+from urae.train_options import OPTIONS, check, network_kwargs
+from urae.train_plan import RunPlan, human_bytes, human_count, make_plan
+from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
 
 log = logging.getLogger("urae")
 
 
 class TrainingStopped(RuntimeError):
-    """A run that stopped on purpose (NaN loss); the message says where the last good state is."""
+    """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
 
 
 def parse(argv=None) -> dict:
@@ -54,55 +65,6 @@ def parse(argv=None) -> dict:
                   sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"))
     check(cfg)
     return cfg
-
-
-class BatchStream:
-    """Batch number m of this rank, for any m: epoch = m // per_rank, so resuming needs no replay."""
-
-    def __init__(self, loader, rank: int, world: int):
-        self.dataset, self.sampler, self.collate = loader.dataset, loader.batch_sampler, loader.collate_fn
-        self.rank, self.world = rank, world
-        self.sampler.set_epoch(0)
-        total = len(list(self.sampler))
-        self.per_rank = total // world  # equal counts keep the ranks in step
-        if self.per_rank == 0:
-            raise ValueError(f"{total} batch(es) per epoch for {world} processes: add images or lower the batch size")
-        self._epoch, self._batches = None, None
-
-    def get(self, m: int) -> dict:
-        epoch, pos = divmod(m, self.per_rank)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._batches = list(self.sampler)[self.rank::self.world][: self.per_rank]
-            self._epoch = epoch
-        return self.collate([self.dataset[key] for key in self._batches[pos]])
-
-
-def _seed_for(seed: int, micro: int, rank: int, world: int) -> int:
-    return (seed * 1_000_003 + micro * world + rank) % (2**63 - 1)
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
-    """Average across ranks as reduce-to-0 then broadcast: the same traffic as an all-reduce, and every rank
-    gets bit-identical values (gloo's all-reduce can round differently per rank, and adapters would drift)."""
-    if world == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.reduce(flat, dst=0)
-    flat /= world
-    torch.distributed.broadcast(flat, src=0)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def _any_rank(flag: bool, device, world: int) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class _InterruptFlag:
@@ -148,59 +110,10 @@ def _mixed_precision(cfg) -> str:
     return mp
 
 
-def _encode_sample_prompts(cfg, pipe, device) -> list[dict]:
-    from urae.prompts import read_prompts
+def _parse_size(value) -> tuple[int, int]:
+    from urae.data.options import parse_resolution
 
-    if not cfg["sample_prompts"]:
-        return []
-    out = []
-    with torch.no_grad():
-        for rec in read_prompts(cfg["sample_prompts"]):
-            t5, pooled, _ = pipe.encode_prompt(rec["prompt"], prompt_2=None, device=device,
-                                               max_sequence_length=cfg["t5_max_length"] or _t5_default(pipe))
-            out.append({**rec, "embeds": (t5.cpu(), pooled.cpu())})
-    return out
-
-
-def _t5_default(pipe) -> int:
-    from urae.sampling import model_defaults
-
-    return model_defaults(pipe.transformer)["max_sequence_length"]
-
-
-def _sample_size(cfg) -> tuple[int, int]:
-    return _parse_size(cfg["sample_resolution"] or cfg["resolution"])
-
-
-def make_samples(cfg, pipe_parts, prompts, step: int, out_dir: Path, network, settings, device, rank: int = 0,
-                 world: int = 1) -> list[Path]:
-    """This rank's share of the sample prompts (prompt k of the file is `prompts[k // world]` on rank k % world)."""
-    from diffusers import FluxPipeline
-
-    from urae.outputs import save_png
-    from urae.sampling import SampleRequest, generate
-
-    transformer, vae, scheduler = pipe_parts
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae.to(device), text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    w, h = _sample_size(cfg)
-    was_training = network.training
-    network.eval()
-    paths = []
-    try:
-        for j, rec in enumerate(prompts):
-            i = j * world + rank
-            req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
-                                steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"))
-            t5, pooled = rec["embeds"]
-            img = generate(pipe, req, settings, prompt_embeds=(t5.to(device), pooled.to(device)))
-            paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
-                                  {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
-                                   "height": req.height, "runtime": settings.to_dict()}))
-    finally:
-        network.train(was_training)
-        vae.to("cpu")
-    return paths
+    return parse_resolution(value)
 
 
 def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
@@ -213,17 +126,16 @@ def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
     return HighResSettings.for_resolution(w, h)
 
 
-def _parse_size(value) -> tuple[int, int]:
-    from urae.data.options import parse_resolution
-
-    return parse_resolution(value)
-
-
 def _adapter_metadata(cfg, step: int) -> dict:
-    recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "base_lora", "resolution",
+    recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "resolution",
                                   "real_prompt_ratio", "timestep_sampling", "optimizer_type", "learning_rate",
                                   "ntk_factor", "proportional_attention",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
+    if cfg["base_lora"]:  # shared files name their parent by file name and content, never by a local path
+        from urae.data.identity import file_fingerprint
+
+        base = Path(cfg["base_lora"])
+        recipe["base_lora"] = {"name": base.name, "fingerprint": file_fingerprint(base)}
     return {
         "ss_steps": str(step),
         "ss_max_train_steps": str(cfg["max_train_steps"]),
@@ -239,80 +151,136 @@ def _adapter_metadata(cfg, step: int) -> dict:
     }
 
 
-def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
+def _current_lr(optimizer) -> float:
+    g = optimizer.param_groups[0]
+    # Prodigy's effective step size is d * lr
+    return float(g["lr"]) * float(g.get("d", 1.0))
+
+
+# ---------------------------------------------------------------- stage 1: plan
+
+def _make_accelerator(cfg, out_dir: Path, tb: bool):
     from accelerate import Accelerator, InitProcessGroupKwargs
-    from tqdm.auto import tqdm
 
-    from urae.data import DataOptions, build_caches, make_dataloader
-    from urae.loading import load_pipeline
-    from urae.optim import make_optimizer, make_scheduler
-
-    out_dir = Path(cfg["output_dir"])
-    mp = _mixed_precision(cfg)
-    if cfg["guidance_scale"] != 1.0:
-        log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
-                    f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
-    tb = cfg["log_with"] == "tensorboard"
-    if tb:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            print("warning: log_with = tensorboard, but tensorboard is not installed; logging to JSONL only")
-            tb = False
     # Long single-rank phases (4K samples, uneven cache shares) outlast NCCL's default 10-minute watchdog.
-    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard" if tb else None,
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with="tensorboard" if tb else None,
                               project_dir=cfg["logging_dir"] or str(out_dir / "logs"),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))])
-    rank, world, device, main = (accelerator.process_index, accelerator.num_processes, accelerator.device,
-                                 accelerator.is_main_process)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != world:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
         # accelerate on a machine without GPUs starts the processes but treats each as alone
         raise ConfigError(f"{torch.distributed.get_world_size()} processes were launched but accelerate sees "
-                          f"{world}; on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
+                          f"{accelerator.num_processes}; on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
                           f"accelerate launch --multi_gpu --num_processes N …")
+    return accelerator
+
+
+def _tensorboard(cfg) -> bool:
+    if cfg["log_with"] != "tensorboard":
+        return False
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        print("warning: log_with = tensorboard, but tensorboard is not installed; logging to JSONL only")
+        return False
+    return True
+
+
+def plan_stage(cfg, accelerator) -> RunPlan:
+    main = accelerator.is_main_process
+    if cfg["demo"] and main:
+        from urae.demo import ensure_demo_assets
+
+        ensure_demo_assets(cfg["pretrained_model_name_or_path"], cfg["train_data_dir"])
+    accelerator.wait_for_everyone()
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
-    resume_path = resolve_resume(out_dir, cfg["resume"])
-    check_output_dir(out_dir, cfg["resume"] is not None, cfg["overwrite"], cfg["output_name"])
+    plan = make_plan(cfg, is_main=main)
+    plan.memory = resolve_memory(cfg, accelerator.device, plan.model_location, fsdp_requested(accelerator),
+                                 accelerator.num_processes)
     accelerator.wait_for_everyone()
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg["guidance_scale"] != 1.0:
+            log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
+                        f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
         print("training config:\n" + format_table(cfg), flush=True)
-        if cfg["overwrite"] and resume_path is None:
-            clear_run(out_dir, cfg["output_name"])
-        remove_partial_saves(out_dir)
-        if cfg["demo"]:
-            from urae.demo import ensure_demo_assets
-
-            ensure_demo_assets(cfg["pretrained_model_name_or_path"], cfg["train_data_dir"])
+        print(plan.summary(cfg, accelerator.num_processes), flush=True)
+        print(plan.memory.summary(), flush=True)
+        if cfg["overwrite"] and plan.resume_path is None:
+            clear_run(plan.out_dir, cfg["output_name"])
+        remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
+    return plan
 
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-    pipe = load_pipeline(cfg["pretrained_model_name_or_path"], cfg["transformer"], dtype=weight_dtype)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        getattr(pipe, name).to(device)
 
-    # 1. caches (each rank its share), then sample-prompt embeddings, then free the text encoders
-    options = DataOptions.from_dict({k: cfg[k] for k in DATA_KEYS})
-    plan = build_caches(options, pipe, accelerator, t5_max_length=cfg["t5_max_length"])
-    if main and plan.skipped:
-        print(f"skipped {len(plan.skipped)} image(s): " + "; ".join(f"{p.name} ({why})" for p, why in plan.skipped[:5]))
-    if cfg["cache_only"]:
-        if main:
-            print(f"caches ready: {len(plan.entries)} image(s); run again without --cache_only to train")
-        return 0
-    if main:
-        with atomic_path(out_dir / RUN_MARKER) as tmp:
-            tmp.write_text(to_toml(cfg))
-    prompts = _encode_sample_prompts(cfg, pipe, device)  # every rank samples its share of them
-    transformer, vae, scheduler = pipe.transformer, pipe.vae.to("cpu"), pipe.scheduler
-    del pipe
+# ---------------------------------------------------------------- stage 2: caches
+
+def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
+    """Latents and caption embeddings on disk, sample-prompt embeddings in memory. Only the encoders of an
+    incomplete cache are loaded, and they are freed before the transformer loads: host RAM never holds the
+    text encoders and the transformer at once, and a run with complete caches loads neither encoder nor VAE.
+    Returns (CachePlan, sample prompts with their embeddings)."""
+    from urae.components import load_text_encoders, load_vae
+    from urae.data import build_caches, cache_prompts, cache_status
+
+    main, device = accelerator.is_main_process, accelerator.device
+    prompts = _sample_prompts(cfg)
+    texts = [r["prompt"] for r in prompts]
+    status = cache_status(plan.data, plan.model_location, dtype=weight_dtype, t5_max_length=cfg["t5_max_length"],
+                          prompts=texts, accelerator=accelerator, log=main)
+    parts = load_text_encoders(plan.model_location, weight_dtype, device) if status.needs_text_encoders else {}
+    if status.needs_vae:
+        parts["vae"] = load_vae(plan.model_location, weight_dtype, device)
+    caches = build_caches(plan.data, parts, accelerator, status=status, prompts=texts)
+    if accelerator.is_main_process and caches.skipped:
+        print(f"skipped {len(caches.skipped)} image(s): "
+              + "; ".join(f"{p.name} ({why})" for p, why in caches.skipped[:5]))
+    embeds = cache_prompts(texts, caches, parts if status.needs_text_encoders else None)
+    del parts
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return caches, [{**rec, "embeds": e} for rec, e in zip(prompts, embeds)]
 
-    # 2. model + adapter
-    transformer.to(device).requires_grad_(False)
+
+def _sample_prompts(cfg) -> list[dict]:
+    from urae.prompts import read_prompts
+
+    if not cfg["sample_prompts"] or not (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
+        return []
+    return list(read_prompts(cfg["sample_prompts"]))
+
+
+def load_for_training(cfg, plan: RunPlan, weight_dtype, sampling: bool):
+    """The transformer alone (memory-mapped), plus the VAE and scheduler when samples are drawn."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from urae.components import load_vae
+    from urae.loading import _from_pretrained, load_transformer
+
+    transformer = load_transformer(plan.model_location, cfg["transformer"], dtype=weight_dtype)
+    if not sampling:
+        return transformer, None, None
+    scheduler = _from_pretrained(FlowMatchEulerDiscreteScheduler, plan.model_location, subfolder="scheduler")
+    return transformer, load_vae(plan.model_location, weight_dtype), scheduler
+
+
+# ---------------------------------------------------------------- stage 3: model
+
+@dataclass
+class Model:
+    transformer: torch.nn.Module
+    network: torch.nn.Module
+    trainable: list
+    settings: HighResSettings
+    fsdp: bool = False  # the base is sharded: every rank must run every forward (samples included)
+
+
+def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
+    device = accelerator.device
+    fsdp = fsdp_requested(accelerator)
+    transformer.requires_grad_(False)
+    if not fsdp and not plan.memory.active:  # otherwise weights move when sharded / placed by urae.memory
+        transformer.to(device)
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
     settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
@@ -321,93 +289,196 @@ def train(cfg: dict) -> int:
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
     network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer, **kwargs)
     network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
-    if resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
-        load_adapter_state(resume_path, network)
+    if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
+        load_adapter_state(plan.resume_path, network)
     network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
+    if fsdp:
+        shard_base(transformer, device)
+        if accelerator.is_main_process:
+            print(f"FSDP: the frozen base is split over {accelerator.num_processes} processes, "
+                  f"{human_bytes(sharded_bytes_per_rank(transformer))} of weights each", flush=True)
+    if plan.memory.active:  # after the SVD: the minor components come from the full-precision weights
+        from urae.memory import setup_memory
+
+        setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"])
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    return Model(transformer, network, trainable, settings, fsdp)
+
+
+def _optimizer(cfg, network):
+    from urae.optim import make_optimizer, make_scheduler
+
     params = network.prepare_optimizer_params(None, cfg["learning_rate"], cfg["learning_rate"])
     if isinstance(params, tuple):
         params = params[0]
-    trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg["optimizer_type"], params, cfg["learning_rate"], cfg["optimizer_args"])
-    lr_sched = make_scheduler(cfg["lr_scheduler"], optimizer, cfg["lr_warmup_steps"], cfg["max_train_steps"])
+    return optimizer, make_scheduler(cfg["lr_scheduler"], optimizer, cfg["lr_warmup_steps"], cfg["max_train_steps"])
 
-    start = 0
-    if resume_path is not None:
-        state = load_optimizer_state(resume_path, optimizer, lr_sched)
-        start = int(state["step"])
-        if main:
-            truncate_log(out_dir / "train_log.jsonl", start)
-            print(f"resumed from {resume_path} at step {start}")
-    elif cfg["resume"] == "auto" and main:
-        print(f"resume auto: no saved state in {out_dir}; starting at step 0")
 
-    loader = make_dataloader(plan, batch_size=cfg["train_batch_size"], seed=cfg["seed"])
-    stream = BatchStream(loader, rank, world)
+# ---------------------------------------------------------------- stage 4: loop
+
+class Saver:
+    """States and the final file; a save that fails for lack of space stops the run with what to do."""
+
+    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched):
+        self.cfg, self.plan = cfg, plan
+        self.network, self.optimizer, self.lr_sched = network, optimizer, lr_sched
+        self.last_good = plan.resume_path
+
+    def _guard(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as e:
+            if getattr(e, "errno", None) != errno.ENOSPC and "No space left" not in str(e):
+                raise
+            kept = f"the last good state {self.last_good} is intact" if self.last_good else "no state was saved yet"
+            raise TrainingStopped(
+                f"saving {what} failed: no space left on the disk of {self.plan.out_dir} ({kept}; nothing partial "
+                f"was left). A state needs about {human_bytes(self.plan.state_bytes)}; free space, then run again "
+                f"with --resume auto") from None
+
+    def state(self, step: int) -> None:
+        cfg = self.cfg
+        path = self._guard(f"the state of step {step}", lambda: save_state(
+            self.plan.out_dir, step, self.network, self.optimizer, self.lr_sched, {"seed": cfg["seed"]},
+            _adapter_metadata(cfg, step)))
+        prune_states(self.plan.out_dir, step, cfg["save_last_n_steps"])
+        self.last_good = path
+
+    def final(self) -> Path:
+        cfg = self.cfg
+        final = self.plan.out_dir / f"{cfg['output_name']}.safetensors"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["save_precision"], torch.float32)
+        meta = {} if cfg["no_metadata"] else _adapter_metadata(cfg, cfg["max_train_steps"])
+        self._guard(final.name, lambda: self.network.save_weights(str(final), dtype, meta))
+        return final
+
+
+def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, settings, device, rank: int = 0,
+                 world: int = 1, main: bool = True, write: bool = True) -> list[Path]:
+    """This rank's share of the sample prompts (prompt k of the file is `prompts[k // world]` on rank k % world)."""
+    from diffusers import FluxPipeline
+    from tqdm.auto import tqdm
+
+    from urae.outputs import save_png
+    from urae.sampling import SampleRequest, generate
+
+    transformer, vae, scheduler = parts
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae.to(device), text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    w, h = _parse_size(cfg["sample_resolution"] or cfg["resolution"])
+    was_training = network.training
+    network.eval()
+    paths = []
+    try:
+        for j, rec in enumerate(tqdm(prompts, desc=f"samples at step {step}", unit="image", leave=False,
+                                     disable=not main)):
+            i = j * world + rank
+            req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
+                                steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"))
+            t5, pooled = rec["embeds"]
+            img = generate(pipe, req, settings, prompt_embeds=(t5.to(device), pooled.to(device)))
+            if write:
+                paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
+                                      {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
+                                       "height": req.height, "runtime": settings.to_dict()}))
+    finally:
+        network.train(was_training)
+        vae.to("cpu")
+    if main and paths:
+        print(f"samples of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
+              f"{out_dir / 'samples'}", flush=True)
+    return paths
+
+
+def train_step(cfg, model: Model, stream: BatchStream, step: int, accelerator) -> float:
+    """One optimizer step's forward/backward over its micro-batches; returns this rank's mean loss."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     accum = cfg["gradient_accumulation_steps"]
-    n_trainable = sum(p.numel() for p in trainable)
+    total = 0.0
+    for micro in range(accum):
+        m = step * accum + micro
+        batch = stream.get(m)
+        gen = torch.Generator().manual_seed(seed_for(cfg["seed"], m, rank, world))
+        torch.manual_seed(seed_for(cfg["seed"] + 1, m, rank, world))  # adapter dropout
+        x0 = batch["latents"].to(device, torch.float32)
+        t = sample_timesteps(x0.shape[0], cfg["timestep_sampling"], gen, sigmoid_scale=cfg["sigmoid_scale"],
+                             shift=cfg["discrete_flow_shift"])
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        with accelerator.autocast():
+            loss = flow_loss(model.transformer, x0, batch["t5_embeds"].to(device), batch["clip_pooled"].to(device),
+                             t.to(device), noise, guidance=cfg["guidance_scale"])
+        (loss / accum).backward()
+        total += loss.detach().float().item() / accum
+    return total
+
+
+def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler, accelerator, tb: bool) -> int:
+    from tqdm.auto import tqdm
+
+    from urae.data import make_dataloader
+
+    device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
+                                 accelerator.is_main_process)
+    network, trainable, settings = model.network, model.trainable, model.settings
+    optimizer, lr_sched = _optimizer(cfg, network)
+    saver = Saver(cfg, plan, network, optimizer, lr_sched)
+    start = 0
+    if plan.resume_path is not None:
+        start = int(load_optimizer_state(plan.resume_path, optimizer, lr_sched)["step"])
+        if main:
+            truncate_log(plan.out_dir / "train_log.jsonl", start)
+            print(f"resumed from {plan.resume_path} at step {start}")
+    elif cfg["resume"] == "auto" and main:
+        print(f"resume auto: no saved state in {plan.out_dir}; starting at step 0")
+    stream = BatchStream(make_dataloader(caches, batch_size=cfg["train_batch_size"], seed=cfg["seed"]), rank, world)
     if main:
         print(f"training {cfg['max_train_steps'] - start} step(s) (from {start}) on {world} process(es), "
-              f"batch {cfg['train_batch_size']} x {accum} accumulation x {world} = "
-              f"{cfg['train_batch_size'] * accum * world} per step, {len(plan.entries)} image(s), "
-              f"{n_trainable / 1e6:.2f} M trainable, {cfg['optimizer_type']} lr {cfg['learning_rate']}, "
+              f"{len(caches.entries)} image(s), {human_count(sum(p.numel() for p in trainable))} trainable parameters, "
               f"ntk {settings.ntk_factor}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
-              f"guidance {cfg['guidance_scale']}, {mp if mp != 'no' else 'fp32'} on {device}", flush=True)
+              f"guidance {cfg['guidance_scale']}, {accelerator.mixed_precision} on {device}", flush=True)
     if tb:
         accelerator.init_trackers("urae", config={k: v for k, v in cfg.items()
                                                   if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
-    log_path = out_dir / "train_log.jsonl"
-    parts = (transformer, vae, scheduler)
+    parts = (model.transformer, vae, scheduler)
+
+    def samples(step):
+        if model.fsdp:  # sharded blocks need every rank in each forward: all ranks draw every sample, one writes
+            make_samples(cfg, parts, prompts, step, plan.out_dir, network, settings, device, write=main, main=main)
+        else:
+            make_samples(cfg, parts, prompts[rank::world], step, plan.out_dir, network, settings, device, rank, world,
+                         main=main)
+        accelerator.wait_for_everyone()
+
+    log_path = plan.out_dir / "train_log.jsonl"
     network.train()
     bar = tqdm(total=cfg["max_train_steps"], initial=start, disable=not main, unit="step", desc="training",
                dynamic_ncols=True)
     ema = None
-    last_saved = resume_path
     with contextlib.ExitStack() as stack:
-        stack.enter_context(apply_highres(transformer, settings))
+        stack.enter_context(apply_highres(model.transformer, settings))
         interrupt = stack.enter_context(_InterruptFlag())
         if cfg["sample_at_first"] and prompts and start == 0:
-            make_samples(cfg, parts, prompts[rank::world], 0, out_dir, network, settings, device, rank, world)
-            accelerator.wait_for_everyone()
+            samples(0)
         for step in range(start, cfg["max_train_steps"]):
-            if _any_rank(interrupt.set, device, world):
+            if any_rank(interrupt.set, device, world):
                 if main:
-                    path = save_state(out_dir, step, network, optimizer, lr_sched, {"seed": cfg["seed"]},
-                                      _adapter_metadata(cfg, step))
-                    print(f"stopped at step {step}; state saved to {path}\nresume with the same command plus "
-                          f"--resume auto")
-                if tb:
-                    accelerator.end_training()
+                    saver.state(step)
+                    print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
+                          f"plus --resume auto")
                 return 0
             t0 = time.perf_counter()
-            network.on_step_start(None, transformer)
-            total = 0.0
-            for micro in range(accum):
-                m = step * accum + micro
-                batch = stream.get(m)
-                gen = torch.Generator().manual_seed(_seed_for(cfg["seed"], m, rank, world))
-                torch.manual_seed(_seed_for(cfg["seed"] + 1, m, rank, world))  # adapter dropout
-                x0 = batch["latents"].to(device, torch.float32)
-                t = sample_timesteps(x0.shape[0], cfg["timestep_sampling"], gen, sigmoid_scale=cfg["sigmoid_scale"],
-                                     shift=cfg["discrete_flow_shift"])
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                with accelerator.autocast():
-                    loss = flow_loss(transformer, x0, batch["t5_embeds"].to(device), batch["clip_pooled"].to(device),
-                                     t.to(device), noise, guidance=cfg["guidance_scale"])
-                (loss / accum).backward()
-                total += loss.detach().float().item() / accum
+            network.on_step_start(None, model.transformer)
+            loss = train_step(cfg, model, stream, step, accelerator)
             for p in trainable:  # a module skipped by module_dropout on this rank still joins the reduce
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            _all_reduce_mean([p.grad for p in trainable], world)
-            loss_t = torch.tensor([total], device=device)
-            if world > 1:
-                torch.distributed.all_reduce(loss_t)
-                loss_t /= world
-            loss_v = loss_t.item()
-            if not math.isfinite(loss_v):
-                where = f"the last good state is {last_saved}" if last_saved else "no state was saved yet"
-                raise TrainingStopped(f"loss is {loss_v} at step {step + 1}; stopping without saving ({where}). "
+            all_reduce_mean([p.grad for p in trainable], world)
+            loss = mean_over_ranks(loss, device, world)
+            if not math.isfinite(loss):
+                where = f"the last good state is {saver.last_good}" if saver.last_good else "no state was saved yet"
+                raise TrainingStopped(f"loss is {loss} at step {step + 1}; stopping without saving ({where}). "
                                       f"Lower the learning rate or check the data.")
             if cfg["max_grad_norm"]:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
@@ -415,76 +486,82 @@ def train(cfg: dict) -> int:
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            ema = loss_v if ema is None else 0.9 * ema + 0.1 * loss_v
-            lr = _current_lr(optimizer)
-            dt = time.perf_counter() - t0
+            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            lr, dt = _current_lr(optimizer), time.perf_counter() - t0
             if main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.3g}", s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss_v, "lr": lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4)}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss_v, "lr": lr}, step=done)
+                    accelerator.log({"loss": loss, "lr": lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
                 if main:
-                    save_state(out_dir, done, network, optimizer, lr_sched, {"seed": cfg["seed"]},
-                               _adapter_metadata(cfg, done))
-                    prune_states(out_dir, done, cfg["save_last_n_steps"])
-                last_saved = state_dir(out_dir, done)
+                    saver.state(done)
+                saver.last_good = state_dir(plan.out_dir, done)
                 accelerator.wait_for_everyone()
             if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
-                make_samples(cfg, parts, prompts[rank::world], done, out_dir, network, settings, device, rank, world)
-                accelerator.wait_for_everyone()
+                samples(done)
         bar.close()
-        if not _ranks_agree(trainable, device, world):
+        if not ranks_agree(trainable, device, world):
             raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
                                   "report it with your accelerate config")
         if main:
-            if world > 1:
-                print(f"adapter identical on all {world} processes")
-            final = out_dir / f"{cfg['output_name']}.safetensors"
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["save_precision"], torch.float32)
-            network.save_weights(str(final), dtype, _adapter_metadata(cfg, cfg["max_train_steps"]))
-            if cfg["save_every_n_steps"]:
-                save_state(out_dir, cfg["max_train_steps"], network, optimizer, lr_sched, {"seed": cfg["seed"]},
-                           _adapter_metadata(cfg, cfg["max_train_steps"]))
-                prune_states(out_dir, cfg["max_train_steps"], cfg["save_last_n_steps"])
-            print(f"saved {final} ({len(list_states(out_dir))} state(s) kept)")
+            save_stage(cfg, plan, saver, world)
         if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
-            make_samples(cfg, parts, prompts[rank::world], cfg["max_train_steps"], out_dir, network, settings, device,
-                         rank, world)
-    if tb:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+            samples(cfg["max_train_steps"])
     return 0
 
 
-def _ranks_agree(params: list[torch.Tensor], device, world: int) -> bool:
-    """Every rank must hold the same adapter after training; compare a checksum across ranks."""
-    if world == 1:
-        return True
-    c = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in params])
-    c = c.reshape(-1).to(device)
-    hi, lo = c.clone(), c.clone()
-    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-    return bool(torch.equal(hi, lo))
+# ---------------------------------------------------------------- stage 5: save
+
+def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
+    if world > 1:
+        print(f"adapter identical on all {world} processes")
+    final = saver.final()
+    if cfg["save_every_n_steps"]:
+        saver.state(cfg["max_train_steps"])
+    print(f"saved {final} ({len(list_states(plan.out_dir))} state(s) kept)")
 
 
-def _current_lr(optimizer) -> float:
-    g = optimizer.param_groups[0]
-    # Prodigy's effective step size is d * lr
-    return float(g["lr"]) * float(g.get("d", 1.0))
+def train(cfg: dict) -> int:
+    """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
+    tb = _tensorboard(cfg)
+    accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
+    plan = plan_stage(cfg, accelerator)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    if cfg["cache_only"]:
+        if accelerator.is_main_process:
+            print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
+        return 0
+    if accelerator.is_main_process:
+        with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
+            tmp.write_text(to_toml(cfg))
+    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+    model = model_stage(cfg, plan, transformer, accelerator)
+    try:
+        rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
+    finally:
+        if tb:
+            accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return rc
 
 
-def main(argv=None) -> int:
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Mistakes a user can fix: one line and exit 2. Anything else is a bug and keeps its traceback."""
     from urae.adapters import AdapterError
     from urae.loading import ModelLoadError
 
+    return ConfigError, ModelLoadError, AdapterError, TrainingStopped
+
+
+def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return train(parse(argv))
-    except (ConfigError, ModelLoadError, AdapterError, FileNotFoundError, FileExistsError, TrainingStopped,
-            ValueError) as e:
-        print(f"error: {e}", flush=True)
-        return 1
+    except _user_errors() as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2

@@ -11,16 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from urae.common import DTYPES, has_guidance_embedding
+from urae.common import DTYPES
 from urae.data.build import build_caches
 from urae.data.options import DataOptions
-from urae.data.text_cache import T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL
+from urae.data.status import cache_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,34 +44,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from accelerate import PartialState
-    from diffusers import FluxPipeline
-
     a = _parser().parse_args(argv)
+    try:
+        _run(a)
+    except (ValueError, FileNotFoundError) as e:  # ModelLoadError is a ValueError: a user's mistake, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(a: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from urae.components import load_text_encoders, load_vae
+    from urae.loading import resolve_model_location
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = {f.name: getattr(a, f.name) for f in fields(DataOptions) if getattr(a, f.name, None) is not None}
     if isinstance(opts.get("resolution"), str) and opts["resolution"].isdigit():
         opts["resolution"] = int(opts["resolution"])
     options = DataOptions.from_dict(opts)
+    resolve_model_location(a.model)
 
     # Without CUDA, cpu=True makes accelerate use gloo across the processes `accelerate launch` started.
     # A rank may wait hours at the barrier for a slower one; NCCL's default watchdog gives up after 10 minutes.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=3))
     device = state.device
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = FluxPipeline.from_pretrained(a.model, transformer=None, dtype=dtype)
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.to(device).eval()
-    cfg = json.loads((Path(a.model) / "transformer" / "config.json").read_text())
-    t5_len = a.t5_max_length or (T5_MAX_LENGTH_DEV if has_guidance_embedding(cfg) else T5_MAX_LENGTH_SCHNELL)
+    # Only the models of incomplete caches are loaded (none when everything is cached).
+    status = cache_status(options, a.model, dtype=dtype, t5_max_length=a.t5_max_length, accelerator=state)
+    parts = load_text_encoders(a.model, dtype, device) if status.needs_text_encoders else {}
+    if status.needs_vae:
+        parts["vae"] = load_vae(a.model, dtype, device)
 
     calls = {"vae_encoder": 0, "text_encoder": 0, "text_encoder_2": 0}
-    for name, mod in (("vae_encoder", pipe.vae.encoder), ("text_encoder", pipe.text_encoder),
-                      ("text_encoder_2", pipe.text_encoder_2)):
-        mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    for name, mod in (("vae_encoder", getattr(parts.get("vae"), "encoder", None)),
+                      ("text_encoder", parts.get("text_encoder")), ("text_encoder_2", parts.get("text_encoder_2"))):
+        if mod is not None:
+            mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
     extra = {"split_threshold": a.split_threshold} if a.split_threshold else {}
-    plan = build_caches(options, pipe.components, state, t5_max_length=t5_len, progress=not a.no_progress, **extra)
-    stats = {"rank": state.process_index, "processes": state.num_processes, "calls": calls,
+    plan = build_caches(options, parts, state, status=status, progress=not a.no_progress, **extra)
+    stats = {"rank": state.process_index, "processes": state.num_processes, "calls": calls, "loaded": sorted(parts),
              "latents_encoded": plan.latents.encoded, "latents_reused": plan.latents.reused,
              "latent_seconds": plan.latents.seconds,
              "texts_encoded": plan.texts.encoded, "entries": len(plan.entries), "skipped": len(plan.skipped)}

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_VARIANTS = ("prompt", "generated_prompt")  # keys of the URAE .json side files
 DEFAULT_CACHE_FOLDER = ".urae_cache"
+# Above this enlargement an image mostly adds interpolated pixels: worth a warning at 2K/4K.
+UPSCALE_WARN = 1.5
 
 # sd-scripts dataset-TOML keys: those we use, and those that have no meaning here (warned, not fatal).
 _DATASET_KEYS = {"resolution", "bucket_mode", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
@@ -73,6 +75,7 @@ class ScanResult:
     undecodable: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason)
     too_small: list[Path] = field(default_factory=list)
     missing_captions: int = 0
+    upscaled: list[tuple[Path, float]] = field(default_factory=list)  # (image, factor) above UPSCALE_WARN
 
 
 def bucket_spec(options: DataOptions, overrides: dict | None = None) -> BucketSpec:
@@ -228,6 +231,9 @@ def scan(options: DataOptions, log: bool = True) -> ScanResult:
                 result.too_small.append(p)
                 continue
             result.items.append(ImageItem(p, subset, caps, size, bucket))
+            factor = upscale_factor(size, bucket)
+            if factor > UPSCALE_WARN:
+                result.upscaled.append((p, factor))
     if log:
         _warn(result)
     if not result.items:
@@ -236,7 +242,18 @@ def scan(options: DataOptions, log: bool = True) -> ScanResult:
     return result
 
 
+def upscale_factor(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    """How much the image is enlarged to cover its bucket (<= 1: only shrunk)."""
+    return max(bucket[0] / size[0], bucket[1] / size[1])
+
+
 def _warn(result: ScanResult) -> None:
+    if result.upscaled:
+        worst, factor = max(result.upscaled, key=lambda x: x[1])
+        logger.warning("%s of %s images are upscaled more than %.1f× to fit their bucket (most: %.2f×, %s); "
+                       "URAE's 4K recipe needs real ≥ 4K photos (bucket_no_upscale = true gives them smaller "
+                       "buckets instead)", f"{len(result.upscaled):,}", f"{len(result.items):,}", UPSCALE_WARN,
+                       factor, worst)
     if result.missing_captions:
         logger.warning("%d image(s) have no caption file; an empty caption is used for them", result.missing_captions)
     if result.undecodable:

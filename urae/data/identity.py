@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 _EDGE = 1024  # values hashed from each end of every tensor
+_BLOCK = 65536  # bytes hashed per sampled file block
 
 
 def _config_dict(module) -> dict:
@@ -46,13 +47,30 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()[:16]
 
 
-def file_fingerprint(path: Path) -> str:
-    """Size plus a hash of the first and last 64 KiB: survives copies (unlike mtime), cheap on 4K images."""
+def file_fingerprint(path: Path, samples: int = 0) -> str:
+    """Size plus a hash of the first and last 64 KiB: survives copies (unlike mtime), cheap on 4K images.
+
+    samples: also hash that many 64 KiB blocks spread evenly between the ends. Model weight files use
+    it, since a fine-tune may leave both ends of a multi-GB file unchanged.
+    """
     size = path.stat().st_size
     h = hashlib.sha1()
     with open(path, "rb") as f:
-        h.update(f.read(65536))
-        if size > 65536:
-            f.seek(max(65536, size - 65536))
-            h.update(f.read(65536))
+        h.update(f.read(_BLOCK))
+        for i in range(1, samples + 1) if size > 2 * _BLOCK else ():
+            f.seek(_BLOCK + (size - 2 * _BLOCK) * i // (samples + 1))
+            h.update(f.read(_BLOCK))
+        if size > _BLOCK:
+            f.seek(max(_BLOCK, size - _BLOCK))
+            h.update(f.read(_BLOCK))
     return f"{size}:{h.hexdigest()[:16]}"
+
+
+def folder_fingerprint(folder: Path, samples: int = 16) -> str:
+    """Every file under `folder` (hidden ones skipped): relative name, size, sampled hash. No model is loaded."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in files:
+        h.update(f"{p.relative_to(folder).as_posix()}:{file_fingerprint(p, samples)}".encode() + b"\0")
+    return h.hexdigest()[:24]

@@ -95,6 +95,7 @@ class LatentCacheReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)  # images that could not be decoded
     rebuilt: dict[str, int] = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0  # wall time of this rank's caching, up to and including the final barrier
+    identity: str = ""  # the VAE's fingerprint the files are checked against
 
 
 def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype: torch.dtype | None = None,
@@ -113,7 +114,7 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
     vae_id = module_fingerprint(vae)
     unique = list({latent_path(it): it for it in items}.items())
     mine = ranks.share(unique)
-    report = LatentCacheReport(total=len(unique))
+    report = LatentCacheReport(total=len(unique), identity=vae_id)
     todo = []
     for path, item in mine:
         why = check_latent_file(path, expected_facts(item, vae_id, dtype))

@@ -1,0 +1,77 @@
+"""The memory configuration of a training run: memory = "auto" or explicit keys, resolved in the plan stage.
+
+`memory = "auto"` asks urae.memory for the cheapest lossless combination whose estimated peak fits this
+GPU at the run's resolution; `blocks_to_swap`, `fp8_base` and `offload_activations`, when set, override
+what it chose. The line it prints says what was chosen and the expected peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from urae.config import ConfigError
+
+MEMORY_KEYS = ("blocks_to_swap", "fp8_base", "offload_activations")
+FLUX_BLOCKS = (19, 38)  # FLUX.1-dev/schnell: double-stream, single-stream
+
+
+@dataclass
+class MemoryChoice:
+    options: object  # urae.memory.MemoryOptions
+    expected_peak: int | None  # bytes of one training step on the device, estimated for real FLUX.1 shapes
+    how: str
+
+    @property
+    def active(self) -> bool:
+        o = self.options
+        return bool(o.blocks_to_swap or o.fp8_base or o.offload_activations)
+
+    def summary(self) -> str:
+        from urae.train_plan import human_bytes
+
+        peak = f", expected peak {human_bytes(self.expected_peak)}" if self.expected_peak else ""
+        return f"memory: {self.options.describe()} ({self.how}{peak})"
+
+
+def block_counts(model_location: str) -> tuple[int, int]:
+    """(double, single) blocks from the transformer config, without loading weights."""
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        c = FluxTransformer2DModel.load_config(model_location, subfolder="transformer")
+        return int(c["num_layers"]), int(c["num_single_layers"])
+    except Exception:  # a hub id whose config is not cached: the real FLUX.1 layout
+        return FLUX_BLOCKS
+
+
+def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: bool, world: int) -> MemoryChoice:
+    from urae.data.options import parse_resolution
+    from urae.memory import MemoryConfigError, MemoryOptions, check_memory_options, choose_memory, estimate_peak_bytes
+
+    explicit = {k: cfg[k] for k in MEMORY_KEYS if cfg[k] is not None}
+    w, h = parse_resolution(cfg["resolution"])
+    batch = cfg["train_batch_size"]
+    if cfg["memory"] == "auto" and device.type == "cuda" and not fsdp:
+        total = torch.cuda.get_device_properties(device).total_memory
+        options, _ = choose_memory(total, w, h, batch_size=batch)
+        how = f"memory = auto for {total / 2**30:.0f} GiB at {w}x{h}"
+    else:
+        options = MemoryOptions()
+        how = ("no GPU: nothing to fit" if device.type != "cuda" else
+               f"FSDP over {world} GPUs" if fsdp and cfg["memory"] == "auto" else "memory = off")
+    if explicit:
+        options = dataclasses.replace(options, **explicit)
+        how += ", " + ", ".join(f"{k} = {v}" for k, v in explicit.items()) + " given"
+    if fsdp and (options.blocks_to_swap or options.fp8_base):
+        raise ConfigError("blocks_to_swap and fp8_base are for one GPU; under FSDP the base is already split across "
+                          "the GPUs (offload_activations still helps at 4096²)")
+    try:
+        check_memory_options(options, block_counts(model_location), device, cfg["gradient_checkpointing"])
+    except MemoryConfigError as e:
+        raise ConfigError(str(e)) from None
+    peak = None if fsdp or device.type != "cuda" else estimate_peak_bytes(
+        options, w, h, batch_size=batch, gradient_checkpointing=cfg["gradient_checkpointing"])
+    return MemoryChoice(options, peak, how)

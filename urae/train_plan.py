@@ -1,0 +1,147 @@
+"""Stage 1 of a training run: everything that needs no model, checked in seconds, then printed.
+
+A user's mistake (a missing data folder or base LoRA, an output folder holding another run, a size FLUX
+cannot take, a full disk) is reported here, before any model loads or any cache is built.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from urae.config import ConfigError
+from urae.train_options import DATA_KEYS
+
+# Bytes a state and the adapter file take, per trainable parameter: fp32 factors + frozen copies, and the
+# optimizer's fp32 moments (Prodigy keeps ~4 tensors per parameter, AdamW 2).
+_ADAPTER_BYTES_PER_PARAM = 8
+_OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4}
+URAE_TARGET_WEIGHTS = 190 * 3072 * 3072  # for the disk estimate: URAE's 190 targets at FLUX.1 width
+
+
+@dataclass
+class RunPlan:
+    """What stage 1 found: the places, the data and the settings every later stage uses."""
+
+    out_dir: Path
+    resume_path: Path | None
+    data: object  # urae.data.DataOptions
+    scan: object  # urae.data.datasets.ScanResult
+    model_location: str
+    state_bytes: int  # one saved state (adapter + optimizer), estimated
+    memory: object = None  # urae.train_memory.MemoryChoice, set once the device is known
+
+    def summary(self, cfg: dict, world: int) -> str:
+        n = len(self.scan.items)
+        batch = cfg["train_batch_size"] * cfg["gradient_accumulation_steps"] * world
+        return (f"plan: {cfg['max_train_steps']} step(s) x batch {batch} ({cfg['train_batch_size']} x "
+                f"{cfg['gradient_accumulation_steps']} accumulation x {world} process(es)) on {n} image(s) at "
+                f"{cfg['resolution']}, {_rank_words(cfg)}, {cfg['optimizer_type']} lr {cfg['learning_rate']}; "
+                f"outputs to {self.out_dir} (a state is about {human_bytes(self.state_bytes)})"
+                + (f"; resuming {self.resume_path}" if self.resume_path else ""))
+
+
+def human_count(n: float) -> str:
+    """7168 -> '7.17 K', 18_700_000 -> '18.7 M': parameter counts people can read."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _rank_words(cfg: dict) -> str:
+    args = dict(a.partition("=")[::2] for a in cfg["network_args"])
+    init = args.get("init", "minor").strip()
+    r = cfg["network_dim"]
+    if init in ("minor", "major"):
+        return (f"{init} LoRA rank {r} (its file is an exact rank-{2 * r} LoRA: {r} trained + {r} frozen "
+                f"{init} components)")
+    return f"{init} LoRA rank {r}"
+
+
+def _state_bytes(cfg: dict) -> int:
+    params = cfg["network_dim"] * URAE_TARGET_WEIGHTS // (3072 * 3072) * 2 * 3072  # r x (in + out) per target
+    return params * (_ADAPTER_BYTES_PER_PARAM + _OPTIMIZER_BYTES_PER_PARAM.get(cfg["optimizer_type"], 16))
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.resolve()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _check_data(cfg: dict, is_main: bool):
+    from urae.data import DataOptions
+    from urae.data.datasets import scan
+
+    for key, want in (("train_data_dir", "folder"), ("dataset_config", "file")):
+        value = cfg[key]
+        if value and not (Path(value).is_dir() if want == "folder" else Path(value).is_file()):
+            raise ConfigError(f"{key}: {value} is not an existing {want}")
+    try:
+        options = DataOptions.from_dict({k: cfg[k] for k in DATA_KEYS})
+        return options, scan(options, log=is_main)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from e
+
+
+def _check_model(cfg: dict) -> str:
+    from urae.io import read_safetensors_header
+    from urae.loading import resolve_model_location
+
+    location = resolve_model_location(cfg["pretrained_model_name_or_path"])
+    if cfg["transformer"]:
+        try:
+            read_safetensors_header(cfg["transformer"])
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"transformer: {e}") from e
+    return location
+
+
+def _check_output(cfg: dict) -> tuple[Path, Path | None]:
+    from urae.checkpoints import check_output_dir, resolve_resume
+
+    out_dir = Path(cfg["output_dir"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir: {out_dir} is a file, not a folder")
+    try:
+        resume_path = resolve_resume(out_dir, cfg["resume"])
+        check_output_dir(out_dir, cfg["resume"] is not None, cfg["overwrite"], cfg["output_name"])
+    except (FileNotFoundError, FileExistsError) as e:
+        raise ConfigError(str(e)) from e
+    return out_dir, resume_path
+
+
+def check_free_space(out_dir: Path, state_bytes: int) -> None:
+    """A run that cannot save even one state and its adapter is refused now, not at its first save."""
+    free = shutil.disk_usage(_existing_parent(out_dir)).free
+    need = 2 * state_bytes
+    if free < need:
+        raise ConfigError(f"output_dir: {human_bytes(free)} free on the disk of {out_dir}, but a training state "
+                          f"and the adapter need about {human_bytes(need)}; free some space or choose another "
+                          f"--output_dir")
+
+
+def make_plan(cfg: dict, is_main: bool = True) -> RunPlan:
+    """Check everything that needs no model, in the order a user would fix it."""
+    from urae.adapters import check_adapter_file
+    from urae.optim import check_optimizer
+
+    out_dir, resume_path = _check_output(cfg)
+    check_optimizer(cfg["optimizer_type"], cfg["learning_rate"], cfg["optimizer_args"])
+    options, found = _check_data(cfg, is_main)
+    if cfg["base_lora"]:
+        check_adapter_file(cfg["base_lora"])
+    location = _check_model(cfg)
+    state_bytes = _state_bytes(cfg)
+    check_free_space(out_dir, state_bytes)
+    return RunPlan(out_dir, resume_path, options, found, location, state_bytes)
