@@ -7,7 +7,11 @@
 
 import sys
 
-from urae.trainer import main
+from urae.logs import quiet_known_warnings
+
+quiet_known_warnings()  # before the third-party imports below log them
+
+from urae.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

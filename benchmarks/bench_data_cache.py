@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,13 +36,9 @@ sys.path.insert(0, str(REPO))
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_cache(model: Path, data: Path, cache: Path, size: int, processes: int, threads: int, stats: Path) -> dict:
+    from urae.common import free_port
+
     args = ["-m", "urae.data", "--model", str(model), "--train_data_dir", str(data), "--cache_dir", str(cache),
             "--resolution", str(size), "--stats_json", str(stats), "--no_progress"]
     if processes == 1:
@@ -51,7 +46,7 @@ def _run_cache(model: Path, data: Path, cache: Path, size: int, processes: int, 
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *args]
+               "--main_process_port", str(free_port()), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -2,22 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from urae.common import free_port
 from urae.data.synthetic import write_image
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(model, data, cache, stats):
@@ -25,7 +19,7 @@ def _launch(model, data, cache, stats):
     # (`--cpu` alone would start a single process unless MPI is configured).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "urae.data", "--model", str(model),
+           "--main_process_port", str(free_port()), "-m", "urae.data", "--model", str(model),
            "--train_data_dir", str(data), "--cache_dir", str(cache), "--resolution", "64",
            "--stats_json", str(stats), "--no_progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -121,7 +121,7 @@ def _corrupt(path):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt",
-                                  "two_inits", "official_4k"])
+                                  "two_inits", "official_4k", "no_images", "bad_line", "bad_shift"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trained_lora, tmp_path, capsys):
     extra = ["--prompt", "x", "--width", "64", "--height", "64"]
     if case == "missing":
@@ -161,12 +161,25 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
         Image.new("RGB", (64, 64)).save(init)
         extra += ["--init_image", str(init), "--init_resolution", "256"]
         want = "not both"
+    elif case == "no_images":
+        extra += ["--num_images", "0"]
+        want = "--num_images must be >= 1"
+    elif case == "bad_line":
+        f = tmp_path / "p.txt"
+        f.write_text("x --w 64 --h 64\ny --l 0.5\n")
+        extra = ["--prompts_file", str(f)]
+        want = "p.txt:2: CFG scale (--l) = 0.5 must be >= 1"
+    elif case == "bad_shift":
+        extra += ["--shift", "-1"]
+        want = "shift must be positive"
     else:
         extra = []
         want = "no prompts"
+    if case in ("no_images", "bad_line", "bad_shift", "size", "empty_prompts", "two_inits"):
+        tiny_flux_dir = tmp_path / "no-model-here"  # found before any model is looked at
     rc, out = run(tmp_path, tiny_flux_dir, *extra)
     assert rc == 2
-    assert want in capsys.readouterr().out
+    assert want in capsys.readouterr().err
     assert not list(out.glob("*.png")) if out.exists() else True
 
 
@@ -188,3 +201,89 @@ def test_forced_split_decode_gives_the_same_image(tiny_flux_dir, tmp_path):
     b = run(tmp_path / "b", tiny_flux_dir, "--prompt", "x", "--width", "128", "--height", "96", "--vae_tiling")[1]
     ia, ib = (np.asarray(Image.open(o / "00000_0.png"), dtype=np.int16) for o in (a, b))
     assert np.abs(ia - ib).max() <= 1
+
+
+def test_prompt_line_flags_reach_the_pipeline_as_in_sd_scripts(tiny_flux_dir, tmp_path, capsys):
+    """--g is the embedded guidance, --l true CFG with --n as negative prompt; a line's size wins, the plan
+    says so, and the shift recorded is the one used (the scheduler config's 3.0), not null."""
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle --w 128 --h 96 --d 3 --g 2.5 --l 3 --n blurry\n")
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompts_file", str(f), "--width", "64", "--height", "64")
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "size 128x96: 1 image(s), from the prompts file's --w/--h" in printed
+    assert "true CFG at scale 3.0" in printed
+    ours = np.asarray(Image.open(out / "00000_3.png"), dtype=np.int16)
+    assert ours.shape == (96, 128, 3)
+    rec = json.loads((out / "images.jsonl").read_text())
+    assert (rec["guidance"], rec["cfg_scale"], rec["negative_prompt"]) == (2.5, 3.0, "blurry")
+    assert rec["runtime"]["shift"] == 3.0
+    assert json.loads(read_png_info(out / "00000_3.png")["runtime"])["shift"] == 3.0
+
+    ref = FluxPipeline.from_pretrained(tiny_flux_dir)
+    with apply_highres(ref, HighResSettings()):
+        kw = dict(width=128, height=96, num_inference_steps=3, guidance_scale=2.5, output_type="pil")
+        theirs = ref("a red circle", true_cfg_scale=3.0, negative_prompt="blurry",
+                     generator=torch.Generator().manual_seed(3), **kw).images[0]
+        no_cfg = ref("a red circle", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 2
+    assert np.abs(ours - np.asarray(no_cfg, dtype=np.int16)).max() > 10, "CFG must change the image"
+
+
+def test_two_stage_draft_not_smaller_than_the_target_is_refused_before_loading(tiny_flux_dir, tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("x --w 256 --h 256\n")
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompts_file", str(f), "--width", "512", "--height", "512",
+                  "--init_resolution", "256")
+    assert rc == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "256x256 draft, not smaller than the 256x256 target of prompt 1 (its --w/--h)" in err[0]
+    assert not out.exists(), "refused before anything was written"
+
+
+def test_hub_lora_offline_is_one_error_line(tiny_flux_dir, tmp_path, capsys):
+    rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--lora", "nobody-urae-test/none/urae_4k.safetensors")
+    assert rc == 2
+    printed = capsys.readouterr().err
+    assert "error: nobody-urae-test/none/urae_4k.safetensors: no such local file" in printed
+    assert "offline" in printed and "Traceback" not in printed
+
+
+def test_an_internal_error_keeps_its_traceback(tiny_flux_dir, tmp_path, monkeypatch):
+    import urae.inference as inference
+
+    def bug(cfg):
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(inference, "build_requests", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        run(tmp_path, tiny_flux_dir, "--prompt", "x")
+
+
+def test_lora_names_local_paths_pass_through_and_hub_files_come_from_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    from urae.adapters import resolve_lora_file
+
+    local = tmp_path / "owner" / "repo" / "a.safetensors"  # a local file shaped like a hub name wins
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_lora_file("owner/repo/a.safetensors") == "owner/repo/a.safetensors"
+    assert resolve_lora_file("./missing/x/y.safetensors") == "missing/x/y.safetensors"  # never looked up
+    assert resolve_lora_file("plain.safetensors") == "plain.safetensors"
+
+    cache = tmp_path / "hub"  # a file downloaded earlier, in huggingface_hub's cache layout
+    snap = cache / "models--someone--urae" / "snapshots" / ("0" * 40)
+    (snap / "sub").mkdir(parents=True)
+    (snap / "sub" / "urae_2k.safetensors").write_bytes(b"weights")
+    (cache / "models--someone--urae" / "refs").mkdir()
+    (cache / "models--someone--urae" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    got = resolve_lora_file("someone/urae/sub/urae_2k.safetensors")
+    assert open(got, "rb").read() == b"weights"
+
+    from urae.adapters import AdapterError, check_adapter_file
+
+    with pytest.raises(AdapterError, match="not in the cache"):  # the training command's early base_lora check
+        check_adapter_file("someone/urae/sub/other.safetensors")

@@ -548,16 +548,13 @@ def _dist_worker(rank, world, port, weights, out_dir):
 
 
 def test_svd_shared_across_processes(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
+
+    from urae.common import free_port
 
     t = tiny()
     weights = {n: m.weight.detach().clone() for n, m in t.named_modules() if isinstance(m, nn.Linear)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dist_worker, args=(2, port, weights, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), weights, str(tmp_path)), nprocs=2, join=True)
     single = ml.create_network(1.0, R, ALPHA, None, [], module_tree(weights), verbose="False")
     single.initialize()
     ref = single.state_dict()

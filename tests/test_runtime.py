@@ -173,3 +173,30 @@ def test_bad_settings(bad, match):
 def test_sizes_not_divisible_by_16(w, h):
     with pytest.raises(ValueError, match="multiple of 16"):
         check_resolution(w, h)
+
+
+def _dispatch():
+    from diffusers.models.transformers import transformer_flux as tf
+
+    return tf.dispatch_attention_fn
+
+
+@torch.no_grad()
+def test_attention_dispatch_is_replaced_only_inside_the_block_and_nesting_is_safe(model):
+    stock = _dispatch()
+    x = _inputs(model)
+    on = {"proportional_attention": True, "base_seq_len": 16}
+    with apply_highres(model, HighResSettings()):
+        assert _dispatch() is stock, "no proportional attention: nothing to replace"
+    with apply_highres(model, on):
+        outer = _dispatch()
+        assert outer is not stock
+        a = model(**x)[0]
+        with apply_highres(model, on):
+            assert _dispatch() is outer, "a nested block shares the installation"
+        assert _dispatch() is outer, "leaving the inner block keeps the outer one's"
+        assert torch.equal(model(**x)[0], a)
+    assert _dispatch() is stock, "the last block to leave puts diffusers' function back"
+    with pytest.raises(RuntimeError, match="boom"), apply_highres(model, on):
+        raise RuntimeError("boom")
+    assert _dispatch() is stock, "restored after an error too"

@@ -146,9 +146,18 @@ def test_tiny_cli_writes_folder_and_bfl_file(tmp_path):
 
 
 def test_outputs_get_the_default_mode_not_tempfiles_0600(tmp_path):
+    """The mode follows the umask in force when the file is written, and reading it leaves it unchanged."""
     import os
 
-    from urae.io import _UMASK
+    from urae.io import process_umask
 
-    f = save_safetensors_atomic({"a": torch.ones(1)}, tmp_path / "x.safetensors")
-    assert os.stat(f).st_mode & 0o777 == 0o666 & ~_UMASK
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        f = save_safetensors_atomic({"a": torch.ones(1)}, tmp_path / "x.safetensors")
+        assert os.stat(f).st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        g = save_safetensors_atomic({"a": torch.ones(1)}, tmp_path / "y.safetensors")
+        assert os.stat(g).st_mode & 0o777 == 0o664
+    finally:
+        assert os.umask(old) == 0o002

@@ -230,8 +230,8 @@ def test_presets_hold_the_recipes():
         assert cfg["train_batch_size"] == 1 and cfg["gradient_checkpointing"] and cfg["mixed_precision"] == "bf16"
         assert cfg["t5_max_length"] == 512 and cfg["bucket_mode"] == "urae"
         assert "targets=urae" in cfg["network_args"]
-    assert p2["resolution"] == "2048" and "init=plain" in p2["network_args"]
-    assert (p2["ntk_factor"], p2["proportional_attention"], p2["real_prompt_ratio"]) == (1.0, False, 0.5)
+    assert p2["resolution"] == "2048" and {"init=plain", "plain_init=gaussian"} <= set(p2["network_args"])
+    assert (p2["ntk_factor"], p2["proportional_attention"], p2["real_prompt_ratio"]) == (1.0, False, 0.2)
     assert p2["max_train_steps"] == 2000
     assert p4["resolution"] == "4096" and "init=minor" in p4["network_args"]
     assert (p4["ntk_factor"], p4["proportional_attention"], p4["real_prompt_ratio"]) == (10.0, True, 0.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from urae.io import read_safetensors_header
@@ -20,9 +21,58 @@ class AdapterError(ValueError):
     pass
 
 
+class HubFileError(AdapterError):
+    """A LoRA named as a hub file that cannot be had (offline and not cached, no such repo/file, gated)."""
+
+
+# owner/repo/path/in/repo.safetensors
+_HUB_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^\s]+\.safetensors)$")
+
+
+def resolve_lora_file(spec: str | os.PathLike) -> str:
+    """A LoRA given by path or as a Hugging Face Hub file `owner/repo/file.safetensors` -> a local path.
+
+    An existing local file always wins; a path starting with `.`, `/` or `~` is never looked up on the hub.
+    Hub files are downloaded once into the usual huggingface_hub cache (HF_HOME, HF_HUB_CACHE) and found
+    there offline. The trainer's `base_lora` goes through here too.
+    """
+    text = str(spec)
+    local = Path(text).expanduser()
+    m = _HUB_FILE.match(text)
+    if local.exists() or text.startswith((".", "/", "~")) or m is None:
+        return str(local)  # a missing local file is reported by whoever reads it
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    repo, file = m["repo"], m["file"]
+    where = f"{text}: no such local file (start a local path with ./ to skip the hub), and as a hub file"
+    try:
+        return hf_hub_download(repo, file)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise HubFileError(f"{where} it is not in the cache and cannot be downloaded (offline: HF_HUB_OFFLINE is set "
+                           f"or there is no network); download it once online or pass a local path") from None
+    except GatedRepoError:
+        raise HubFileError(f"{where} {repo} is gated: accept its terms on huggingface.co and log in "
+                           f"(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise HubFileError(f"{where} there is no repository {repo} (or it is private: log in)") from None
+    except EntryNotFoundError:
+        raise HubFileError(f"{where} {repo} has no file {file}") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise HubFileError(f"{where} the download failed: {e}") from None
+
+
 def check_adapter_file(path: str | os.PathLike) -> dict:
-    """Cheap validation before any model is loaded: exists, readable, has LoRA-looking keys. Returns metadata."""
-    p = Path(path).expanduser()
+    """Cheap validation before any model is loaded: exists, readable, has LoRA-looking keys. Returns metadata.
+    A hub name (`owner/repo/file.safetensors`) is fetched into the cache here, in the early checks."""
+    p = Path(resolve_lora_file(path))
     try:
         keys, meta = read_safetensors_header(p)
     except (FileNotFoundError, ValueError) as e:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from urae import tomlfile
+from urae.common import did_you_mean, parse_bool
 
 
 class ConfigError(ValueError):
@@ -32,8 +34,7 @@ class Option:
 
 
 def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, known, cutoff=0.5)
 
 
 def _coerce(opt: Option, value, source: str):
@@ -42,11 +43,9 @@ def _coerce(opt: Option, value, source: str):
     t = opt.type
     try:
         if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return value.lower() in ("true", "1", "yes", "on")
-            raise ValueError
+            if not isinstance(value, (bool, str)):
+                raise ValueError
+            return parse_bool(value)
         if t is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -77,14 +76,12 @@ def _check_choice(opt: Option, value, source: str):
 
 
 def read_toml(path: str | os.PathLike) -> dict:
-    import toml
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        return toml.load(p)
-    except toml.TomlDecodeError as e:
+        return tomlfile.load(p)
+    except tomlfile.TOMLDecodeError as e:
         raise ConfigError(f"{p} is not valid TOML: {e}") from e
 
 
@@ -100,19 +97,44 @@ def flatten_sections(d: dict, sections: tuple[str, ...] = ()) -> dict:
 
 
 def _flag_value(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return low in ("true", "1", "yes", "on")
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # as a user types it (true/false)
+    if value in (None, [], {}):
+        return "unset"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def option_help(o: Option) -> str:
+    """The help line of an option: what it does, then its choices and its default (also when unset), so that
+    `--help` answers what a value may be and what happens when it is not given."""
+    parts = [o.help.rstrip(".")] if o.help else []
+    if o.choices:
+        parts.append(f"choices: {', '.join(map(str, o.choices))}")
+    if not (o.default is None and "default" in o.help):  # the help already says what "unset" means
+        parts.append(f"default: {_show(o.default)}")
+    return "; ".join(parts).replace("%", "%%")  # argparse expands % in help
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A command-line mistake is one line and exit code 2, like every other user error (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(prog: str, description: str, options: list[Option]) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--config", help="TOML file with any of the keys below (flags override it)")
+    ap = _OneLineErrors(prog=prog, description=description, allow_abbrev=False)
+    ap.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below (flags override it)")
     for o in options:
         names = [f"--{o.name}"] + [f"--{a}" for a in o.aliases]
-        kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS, "help": o.help or None}
+        kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS, "help": option_help(o)}
         if o.type is bool:
             # `--flag`, `--flag true|false` and `--no-flag` / `--no_flag` all work (sd-scripts users type the first)
             kw.update(nargs="?", const=True, type=_flag_value, metavar="true|false")
@@ -125,7 +147,7 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
         elif o.type is dict:
             kw["type"] = str
         else:
-            kw["metavar"] = o.type.__name__.upper()
+            kw["metavar"] = "{" + ",".join(map(str, o.choices)) + "}" if o.choices else o.type.__name__.upper()
         ap.add_argument(*names, **kw)
     return ap
 
@@ -154,11 +176,9 @@ def resolve(options: list[Option], argv: list[str] | None, prog: str, descriptio
     for k, v in cli.items():
         o = by_name[k]
         if o.type is dict and isinstance(v, str):
-            import toml
-
             try:
-                v = toml.loads(f"x = {v}")["x"]
-            except toml.TomlDecodeError as e:
+                v = tomlfile.loads(f"x = {v}")["x"]
+            except tomlfile.TOMLDecodeError as e:
                 raise ConfigError(f"--{k}: not an inline TOML table like {{a = 1}}: {e}") from e
         cfg[k] = _check_choice(o, _coerce(o, v, "command line"), "command line")
         sources[k] = "command line"
@@ -176,6 +196,4 @@ def format_table(cfg: dict, only_changed: bool = False) -> str:
 
 
 def to_toml(cfg: dict) -> str:
-    import toml
-
-    return toml.dumps({k: v for k, v in cfg.items() if not k.startswith("_") and v is not None})
+    return tomlfile.dumps({k: v for k, v in cfg.items() if not k.startswith("_")})

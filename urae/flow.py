@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from urae.common import has_guidance_embedding
+
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "sigmoid", "shift")
 TRAIN_GUIDANCE = 1.0
 
@@ -65,7 +67,7 @@ def predict_flow(transformer, x_t: torch.Tensor, t: torch.Tensor, t5: torch.Tens
     _, _, h, w = x_t.shape
     dtype = next(transformer.parameters()).dtype
     g = None
-    if transformer.config.get("guidance_embeds", False):
+    if has_guidance_embedding(transformer):
         g = torch.full((x_t.shape[0],), guidance, device=x_t.device, dtype=torch.float32)
     out = transformer(
         hidden_states=pack_latents(x_t).to(dtype),

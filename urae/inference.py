@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -17,16 +19,21 @@ OPTIONS = [
     Option("model", str, None, "diffusers FLUX.1 folder or hub id", aliases=("pretrained_model_name_or_path",)),
     Option("transformer", str, None, "single-file transformer checkpoint (BFL layout, e.g. flux1-dev.safetensors)"),
     Option("prompt", list, None, "a prompt (repeat for several)", repeat=True),
-    Option("prompts_file", str, None, "one prompt per line (sd-scripts --w/--h/--d/--s/--l flags allowed) or JSONL"),
-    Option("width", int, 4096, "image width (multiple of 16)"),
-    Option("height", int, 4096, "image height (multiple of 16)"),
+    Option("prompts_file", str, None, "one prompt per line with sd-scripts' flags (--w --h --d --s, --g embedded "
+           "guidance, --l CFG scale, --n negative prompt), or JSONL; a line's value wins over the flag below"),
+    Option("width", int, 4096, "image width, multiple of 16 (a prompt line's --w wins)"),
+    Option("height", int, 4096, "image height, multiple of 16 (a prompt line's --h wins)"),
     Option("seed", int, 0, "seed of the first image; image i uses seed + i"),
     Option("num_images", int, 1, "images per prompt"),
     Option("steps", int, None, "denoising steps (default 28 dev, 4 schnell)"),
-    Option("guidance", float, None, "guidance embedding (default 3.5 dev; ignored by schnell)"),
+    Option("guidance", float, None, "FLUX's embedded guidance, sd-scripts' --g (default 3.5 dev; ignored by schnell)"),
+    Option("cfg_scale", float, 1.0, "true classifier-free guidance, sd-scripts' --l (1 = off; > 1 runs the model "
+           "twice per step)"),
+    Option("negative_prompt", str, None, "negative prompt for cfg_scale > 1, sd-scripts' --n (default empty)"),
     Option("max_sequence_length", int, None, "T5 tokens (default 512 dev, 256 schnell)"),
     Option("output_dir", str, "outputs", "where images and images.jsonl go"),
-    Option("lora", list, [], "LoRA file (repeat for several)", repeat=True),
+    Option("lora", list, [], "LoRA file, or a hub file owner/repo/file.safetensors (repeat for several)",
+           repeat=True),
     Option("lora_scale", list, [], "scale per --lora (one value applies to all)", repeat=True),
     Option("fuse_lora", bool, False, "merge the LoRAs into the weights instead of attaching them"),
     Option("ntk_factor", float, None, "RoPE NTK factor (default: adapter metadata, else 10 at >= 2048)"),
@@ -47,11 +54,19 @@ def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_infer.py", "Generate 2K/4K images with FLUX.1 and URAE adapters.")
     if not cfg["model"]:
         raise ConfigError("give --model (a FLUX.1 folder or hub id, e.g. black-forest-labs/FLUX.1-dev)")
+    for k in ("num_images", "steps", "max_sequence_length"):
+        if cfg[k] is not None and cfg[k] < 1:
+            raise ConfigError(f"--{k} must be >= 1, got {cfg[k]}")
+    if cfg["guidance"] is not None and cfg["guidance"] < 0:
+        raise ConfigError(f"--guidance must be >= 0, got {cfg['guidance']}")
     return cfg
 
 
 def _scales(cfg) -> list[float]:
-    raw = [float(s) for s in cfg["lora_scale"]] or [1.0]
+    try:
+        raw = [float(s) for s in cfg["lora_scale"]] or [1.0]
+    except ValueError:
+        raise ConfigError(f"--lora_scale {cfg['lora_scale']}: each value must be a number") from None
     n = len(cfg["lora"])
     if len(raw) == 1:
         return raw * n
@@ -60,8 +75,12 @@ def _scales(cfg) -> list[float]:
     return raw
 
 
-def build_requests(cfg) -> list:
-    """Every image to make, validated before any model is loaded."""
+def build_requests(cfg) -> tuple[list, list[str]]:
+    """Every image to make, validated before any model is loaded, and the plan lines that describe them.
+
+    A prompt line's own values (sd-scripts' --w/--h/--d/--s/--g/--l/--n) win over the command line's,
+    as in sd-scripts: a line that says its size means it. The plan says where each size came from.
+    """
     from PIL import Image
 
     from urae.prompts import read_prompts
@@ -69,7 +88,10 @@ def build_requests(cfg) -> list:
 
     records = [{"prompt": p} for p in (cfg["prompt"] or [])]
     if cfg["prompts_file"]:
-        records += read_prompts(cfg["prompts_file"])
+        try:
+            records += read_prompts(cfg["prompts_file"])
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from e
     if not records:
         raise ConfigError("no prompts: give --prompt TEXT or --prompts_file FILE")
     init = None
@@ -79,8 +101,11 @@ def build_requests(cfg) -> list:
                 init = im.convert("RGB")
         except (OSError, ValueError) as e:
             raise ConfigError(f"--init_image {cfg['init_image']}: cannot read it as an image ({e})") from e
-    out = []
+    if cfg["init_resolution"] is not None and init is not None:
+        raise ConfigError("give --init_resolution (generate a draft) or --init_image (refine this image), not both")
+    out, sizes = [], Counter()
     for i, rec in enumerate(records):
+        from_line = "width" in rec or "height" in rec
         for k in range(cfg["num_images"]):
             req = SampleRequest(
                 prompt=rec["prompt"],
@@ -89,17 +114,44 @@ def build_requests(cfg) -> list:
                 seed=rec.get("seed", cfg["seed"] + i * cfg["num_images"]) + k,
                 steps=rec.get("steps", cfg["steps"]),
                 guidance=rec.get("guidance", cfg["guidance"]),
+                cfg_scale=rec.get("cfg_scale", cfg["cfg_scale"]),
+                negative_prompt=rec.get("negative_prompt", cfg["negative_prompt"]),
                 max_sequence_length=cfg["max_sequence_length"],
                 init_image=init,
                 strength=cfg["strength"],
             )
-            req.validate()
+            where = f"prompt {i + 1} ({'its --w/--h' if from_line else '--width/--height'})"
+            try:
+                req.validate()
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from e
+            if cfg["init_resolution"] is not None:
+                _check_two_stage(cfg["init_resolution"], req, where)
+            sizes[(req.width, req.height, from_line)] += 1
             out.append(req)
-    if cfg["init_resolution"] is not None:
-        if init is not None:
-            raise ConfigError("give --init_resolution (generate a draft) or --init_image (refine this image), not both")
-        check_resolution(cfg["init_resolution"], cfg["init_resolution"])
-    return out
+    plan = [f"size {w}x{h}: {n} image(s), from " + ("the prompts file's --w/--h (a line's size wins over "
+                                                   "--width/--height)" if line else "--width/--height")
+            for (w, h, line), n in sizes.items()]
+    cfgs = sorted({r.cfg_scale for r in out if r.cfg_scale > 1})
+    if cfgs:
+        plan.append(f"true CFG at scale {', '.join(map(str, cfgs))} for {sum(r.cfg_scale > 1 for r in out)} "
+                    f"image(s): two model passes per step (negative prompt: --n / --negative_prompt, else empty)")
+    return out, plan
+
+
+def _check_two_stage(init_resolution: int, req, where: str) -> None:
+    """A two-stage run drafts smaller, then refines at the target size; a draft as large as the target is a mistake."""
+    from urae.sampling import draft_size
+
+    try:
+        check_resolution(init_resolution, init_resolution)
+    except ValueError as e:
+        raise ConfigError(f"--init_resolution: {e}") from e
+    w, h = draft_size(req.width, req.height, init_resolution)
+    if w >= req.width or h >= req.height:
+        raise ConfigError(f"--init_resolution {init_resolution} gives a {w}x{h} draft, not smaller than the "
+                          f"{req.width}x{req.height} target of {where}; use an --init_resolution below "
+                          f"{max(req.width, req.height)}, or drop it for a single-stage run")
 
 
 def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
@@ -107,11 +159,14 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
     explicit = {k: cfg[k] for k in ("ntk_factor", "proportional_attention", "shift") if cfg[k] is not None}
     if cfg["dynamic_shift"]:
         explicit["dynamic_shift"] = True
-    if adapter_runtime:
-        keep = ("ntk_factor", "proportional_attention", "base_seq_len")
-        base = {k: v for k, v in adapter_runtime.items() if k in keep}
-        return HighResSettings.from_dict({**base, **explicit})
-    return HighResSettings.for_resolution(req.width, req.height, **explicit)
+    try:
+        if adapter_runtime:
+            keep = ("ntk_factor", "proportional_attention", "base_seq_len")
+            base = {k: v for k, v in adapter_runtime.items() if k in keep}
+            return HighResSettings.from_dict({**base, **explicit})
+        return HighResSettings.for_resolution(req.width, req.height, **explicit)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def place_pipeline(pipe, mode: str, device) -> str:
@@ -134,23 +189,43 @@ def place_pipeline(pipe, mode: str, device) -> str:
     return f"{device} (offload: {mode})"
 
 
+def _check_device(name: str | None) -> None:
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+
+
 def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from urae.adapters import attach_adapters, check_adapter_file, runtime_from_metadata
-    from urae.loading import load_pipeline
+    from urae.adapters import attach_adapters, check_adapter_file, resolve_lora_file, runtime_from_metadata
+    from urae.loading import load_pipeline, resolve_model_location
     from urae.outputs import append_jsonl, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
 
-    requests = build_requests(cfg)
+    # everything that needs no model first: prompts, sizes, files, output folder
+    requests, plan = build_requests(cfg)
     scales = _scales(cfg)
-    metas = [check_adapter_file(p) for p in cfg["lora"]]
+    _check_device(cfg["device"])
+    loras = [resolve_lora_file(p) for p in cfg["lora"]]
+    metas = [check_adapter_file(p) for p in loras]
     adapter_runtime = next((r for r in map(runtime_from_metadata, metas) if r), None)
+    for req in requests:  # bad runtime settings (--shift -1, …) are found now, not after loading
+        runtime_settings(cfg, req, adapter_runtime)
     out_dir = Path(cfg["output_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
+    resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    for line in plan:
+        print(line, flush=True)
 
     pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=cfg["dtype"], device=None)
-    networks = attach_adapters(pipe.transformer, cfg["lora"], scales, fuse=cfg["fuse_lora"])
+    networks = attach_adapters(pipe.transformer, loras, scales, fuse=cfg["fuse_lora"])
     placement = place_pipeline(pipe, cfg["offload"], cfg["device"])
     if not cfg["fuse_lora"]:  # attached adapters are not submodules of the transformer: move them along
         for net in networks:
@@ -158,18 +233,19 @@ def run(cfg: dict) -> list[Path]:
     two = cfg["init_resolution"] is not None and requests[0].init_image is None
     total = sum(steps_for(r, pipe.transformer, two) for r in requests)
     first = fill_defaults(requests[0], pipe.transformer)
-    s0 = runtime_settings(cfg, first, adapter_runtime)
-    print(f"generating {len(requests)} image(s), {first.width}x{first.height}, {first.steps} steps, "
-          f"guidance {first.guidance}, ntk {s0.ntk_factor}, proportional attention "
-          f"{'on' if s0.proportional_attention else 'off'}, shift "
-          f"{'dynamic' if s0.dynamic_shift else (s0.shift or pipe.scheduler.config.get('shift'))}, "
-          f"{len(cfg['lora'])} LoRA(s){' fused' if cfg['fuse_lora'] and cfg['lora'] else ''}, on {placement}"
+    s0 = runtime_settings(cfg, first, adapter_runtime).with_scheduler_shift(pipe.scheduler)
+    print(f"generating {len(requests)} image(s), first {first.width}x{first.height}, {first.steps} steps, "
+          f"guidance {first.guidance}{f', CFG {first.cfg_scale}' if first.cfg_scale > 1 else ''}, "
+          f"ntk {s0.ntk_factor}, proportional attention {'on' if s0.proportional_attention else 'off'}, "
+          f"shift {'dynamic' if s0.dynamic_shift else s0.shift}, "
+          f"{len(loras)} LoRA(s){' fused' if cfg['fuse_lora'] and loras else ''}, on {placement}"
           f"{', two-stage from ' + str(cfg['init_resolution']) if two else ''} -> {out_dir}", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     bar = tqdm(total=total, unit="step", desc="generating")
     for i, req in enumerate(requests):
         req = fill_defaults(req, pipe.transformer)
-        settings = runtime_settings(cfg, req, adapter_runtime)
+        settings = runtime_settings(cfg, req, adapter_runtime).with_scheduler_shift(pipe.scheduler)
         t0 = time.perf_counter()
         if two:
             image = two_stage(pipe, req, cfg["init_resolution"], settings, on_step=lambda: bar.update(1),
@@ -178,7 +254,9 @@ def run(cfg: dict) -> list[Path]:
             image = generate(pipe, req, settings, on_step=lambda: bar.update(1), split_vae=cfg["vae_tiling"])
         info = {
             "prompt": req.prompt, "seed": req.seed, "width": req.width, "height": req.height, "steps": req.steps,
-            "guidance": req.guidance, "model": cfg["model"], "transformer": cfg["transformer"],
+            "guidance": req.guidance, "cfg_scale": req.cfg_scale,
+            "negative_prompt": (req.negative_prompt or "") if req.cfg_scale > 1 else None,
+            "model": cfg["model"], "transformer": cfg["transformer"],
             "loras": [{"file": str(f), "scale": s} for f, s in zip(cfg["lora"], scales)],
             "runtime": settings.to_dict(), "init_resolution": cfg["init_resolution"] if two else None,
             "strength": req.strength if (two or req.init_image is not None) else None,
@@ -193,15 +271,18 @@ def run(cfg: dict) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    """A user's mistake (config, model path, LoRA file, hub download) is one `error:` line and exit code 2;
+    anything else is a bug and keeps its traceback."""
     from urae.adapters import AdapterError
     from urae.loading import ModelLoadError
+    from urae.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         cfg = parse(argv)
         print("settings:\n" + format_table(cfg, only_changed=True))
         run(cfg)
-    except (ConfigError, ModelLoadError, AdapterError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+    except (ConfigError, ModelLoadError, AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)  # as the training command
         return 2
     return 0

@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_umask_lock = threading.Lock()
+_umask_fallback: int | None = None
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where the OS shows it (Linux /proc); elsewhere read once,
+    on first use, by the set-and-restore that is the only portable way (under a lock, never at import)."""
+    global _umask_fallback
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _umask_lock:
+        if _umask_fallback is None:
+            _umask_fallback = os.umask(0o022)
+            os.umask(_umask_fallback)
+        return _umask_fallback
 
 
 def set_default_mode(path: str | os.PathLike) -> None:
     """Give a temp file (0600) or temp folder (0700) the mode a plain open()/mkdir() would, before renaming
     it into place: outputs must be readable by the other programs (ComfyUI, a web UI) that load them."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~process_umask())
 
 
 @contextmanager

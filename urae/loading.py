@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from urae.common import dtype_from_name, parse_bool
 from urae.flux_keys import bfl_to_diffusers, is_bfl_flux, is_diffusers_flux, strip_bfl_prefix
 from urae.io import read_safetensors_header
 
@@ -40,15 +41,14 @@ def parse_dtype(name: str | torch.dtype | None, device=None) -> torch.dtype:
         return default_dtype(device)
     if isinstance(name, torch.dtype):
         return name
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32, "no": torch.float32}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
-    return table[name]
+    return dtype_from_name(name)
 
 
 def _is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        return parse_bool(os.environ.get("HF_HUB_OFFLINE", "0"))
+    except ValueError:
+        return False
 
 
 def resolve_model_location(model: str | os.PathLike) -> str:
@@ -179,8 +179,3 @@ def load_pipeline(model: str, transformer_file: str | None = None, dtype=None, d
         log.info(_describe(name, transformer_file if name == "transformer" and transformer_file
                            else f"{location}/{name}", getattr(pipe, name)))
     return pipe
-
-
-def is_guidance_distilled(transformer) -> bool:
-    """FLUX.1-dev has a guidance embedding; schnell does not."""
-    return bool(transformer.config.get("guidance_embeds", False))

@@ -1,35 +1,90 @@
-"""Prompt lists: plain lines (with sd-scripts' inline `--w --h --d --s --l` flags) or JSONL records."""
+"""Prompt lists: plain lines with sd-scripts' inline flags, or JSONL records.
+
+The flags mean what they mean in sd-scripts' sample prompts (`line_to_prompt_dict`, FLUX sampling):
+`--w`/`--h` size, `--d` seed, `--s` steps, `--g` FLUX's embedded guidance, `--l` the classifier-free
+guidance (CFG) scale (1 = off) and `--n` the negative prompt used with it. A value given on a line
+wins over the command line's default for that field, as in sd-scripts.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shlex
+import re
 from pathlib import Path
 
-# sd-scripts sample-prompt flags -> our request fields
-_INLINE = {"w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
-_FIELDS = {"prompt", "width", "height", "seed", "steps", "guidance"}
+log = logging.getLogger("urae")
+
+# sd-scripts flag -> our record field
+FLAGS = {"w": "width", "h": "height", "d": "seed", "s": "steps", "g": "guidance", "l": "cfg_scale",
+         "n": "negative_prompt"}
+FIELDS = {"prompt", *FLAGS.values()}
 _INT_FIELDS = {"width", "height", "seed", "steps"}
+_FLOAT_FIELDS = {"guidance", "cfg_scale"}
+_FLAG = re.compile(r"([A-Za-z]+)(?:\s+(.*))?$", re.DOTALL)
 
 
 def _typed(field: str, value, where: str):
     try:
-        return int(value) if field in _INT_FIELDS else float(value) if field == "guidance" else str(value)
+        if field in _INT_FIELDS:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif field in _FLOAT_FIELDS:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {field} = {value!r} is not a number") from None
+        kind = "an integer" if field in _INT_FIELDS else "a number" if field in _FLOAT_FIELDS else "a string"
+        raise ValueError(f"{where}: {field} = {value!r} is not {kind}") from None
+    if field == "steps" and out < 1:
+        raise ValueError(f"{where}: steps = {out} must be >= 1")
+    if field == "guidance" and out < 0:
+        raise ValueError(f"{where}: guidance (--g) = {out} must be >= 0")
+    if field == "cfg_scale" and out < 1:
+        raise ValueError(f"{where}: CFG scale (--l) = {out} must be >= 1 (1 = no CFG)")
+    return out
 
 
 def parse_line(line: str, where: str = "prompt") -> dict:
-    """`a cat --w 2048 --h 1024 --d 7` -> {"prompt": "a cat", "width": 2048, "height": 1024, "seed": 7}."""
+    """`a cat --w 2048 --h 1024 --g 3.5` -> {"prompt": "a cat", "width": 2048, "height": 1024, "guidance": 3.5}.
+
+    Flags sd-scripts knows but that mean nothing here (sampler, ControlNet image, …) are skipped with a warning.
+    """
     parts = line.split(" --")
     rec: dict = {"prompt": parts[0].strip()}
+    skipped = []
     for part in parts[1:]:
-        key, _, value = part.strip().partition(" ")
-        if key in _INLINE:
-            rec[_INLINE[key]] = _typed(_INLINE[key], value.strip(), where)
-        # other sd-scripts flags (negative prompt, cfg scale, …) do not apply to guidance-distilled FLUX
+        m = _FLAG.match(part.strip())
+        key = m.group(1).lower() if m else ""
+        value = (m.group(2) or "").strip() if m else ""
+        if key not in FLAGS:
+            skipped.append(f"--{part.strip().split(' ')[0]}")
+            continue
+        if not value:
+            raise ValueError(f"{where}: --{key} needs a value")
+        rec[FLAGS[key]] = _typed(FLAGS[key], value, where)
+    if skipped:
+        log.warning(f"{where}: ignoring {', '.join(skipped)} (known flags: "
+                    f"{', '.join('--' + k for k in FLAGS)})")
+    if not rec["prompt"] or rec["prompt"].startswith("--"):
+        raise ValueError(f"{where}: the line has flags but no prompt text before them")
     return rec
+
+
+def parse_record(obj, where: str) -> dict:
+    """One JSONL object: the same fields as the flags, by name (prompt, width, height, seed, steps, …)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise ValueError(f"{where}: a JSONL line needs a \"prompt\" string")
+    unknown = set(obj) - FIELDS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(FIELDS)}")
+    return {k: _typed(k, v, where) for k, v in obj.items()}
 
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
@@ -45,22 +100,12 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
         where = f"{p}:{n}"
         if p.suffix == ".jsonl" or line.startswith("{"):
             try:
-                rec = json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON: {e}") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{where}: a JSONL line needs a \"prompt\" string")
-            unknown = set(rec) - _FIELDS
-            if unknown:
-                raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
-            rec = {k: _typed(k, v, where) for k, v in rec.items()}
+            records.append(parse_record(obj, where))
         else:
-            rec = parse_line(line, where)
-        records.append(rec)
+            records.append(parse_line(line, where))
     if not records:
         raise ValueError(f"prompts file {p} has no prompts (empty lines and # comments are skipped)")
     return records
-
-
-def describe(rec: dict) -> str:
-    return shlex.quote(rec["prompt"][:60] + ("…" if len(rec["prompt"]) > 60 else ""))

@@ -1,7 +1,8 @@
 """The high-resolution FLUX runtime: NTK-scaled RoPE, proportional attention, static timestep shift.
 
 One place turns a stock diffusers FLUX transformer (or pipeline) into the URAE runtime, for training,
-sampling and inference alike. Every change is undone on exit, and with the settings off the model is
+sampling and inference alike. Every change is undone on exit (diffusers' attention dispatch function is
+replaced only while a block with proportional attention is open), and with the settings off the model is
 bit-identical to stock diffusers (the original RoPE theta and processor objects are put back).
 
     settings = HighResSettings(ntk_factor=10, proportional_attention=True)
@@ -12,11 +13,13 @@ bit-identical to stock diffusers (the original RoPE theta and processor objects 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-from contextlib import contextmanager
+import threading
+from contextlib import ExitStack, contextmanager
 
 import torch
+
+from urae.common import did_you_mean
 
 FLUX_ROPE_THETA = 10000
 # N0 = 512 text tokens + 64 x 64 image tokens: the sequence length FLUX.1 was trained at (1024²).
@@ -48,13 +51,19 @@ class HighResSettings:
         known = [f.name for f in dataclasses.fields(cls)]
         for k in d:
             if k not in known:
-                close = difflib.get_close_matches(k, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown high-res runtime option {k!r}{hint}; known: {', '.join(known)}")
+                raise ValueError(f"unknown high-res runtime option {k!r}{did_you_mean(k, known)}; "
+                                 f"known: {', '.join(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_scheduler_shift(self, scheduler) -> HighResSettings:
+        """These settings with the static shift filled in from the scheduler config when unset, so that what is
+        recorded beside an image is the value used (dynamic shifting has no single value)."""
+        if self.dynamic_shift or self.shift is not None:
+            return self
+        return dataclasses.replace(self, shift=float(scheduler.config.get("shift", 1.0)))
 
     @classmethod
     def for_resolution(cls, width: int, height: int, **overrides) -> HighResSettings:
@@ -93,9 +102,9 @@ def _add_proportional_hooks(transformer, base_seq_len: int) -> list:
     """Hooks on every FLUX attention module that set the softmax scale for the length of each call.
 
     The processors stay the installed diffusers' own (IP-adapter and backend settings included); the scale
-    reaches the attention kernel through `dispatch_attention_fn`, so every backend (SDPA, flash, …) honours it.
+    reaches the attention kernel through `dispatch_attention_fn` (see `_scaled_dispatch`), so every backend
+    (SDPA, flash, …) honours it.
     """
-    _install_scaled_dispatch()
 
     def pre(module, args, kwargs):
         hs = kwargs.get("hidden_states", args[0] if args else None)
@@ -115,27 +124,44 @@ def _add_proportional_hooks(transformer, base_seq_len: int) -> list:
 
 # Softmax scales of the attention calls in progress (innermost last); empty outside them.
 _scale_stack: list[float] = []
+# The FLUX module's own dispatch function while ours is installed, and how many open blocks need ours.
+_dispatch_lock = threading.Lock()
+_dispatch_original = None
+_dispatch_users = 0
 
 
-def _install_scaled_dispatch():
-    """Route the FLUX module's `dispatch_attention_fn` through one that applies the active scale.
-
-    Only calls made inside a hooked attention module see a scale; all others pass through unchanged,
-    so other models and stock processors are unaffected.
-    """
-    from diffusers.models.transformers import transformer_flux as tf
-
-    if getattr(tf.dispatch_attention_fn, "_urae_scaled", False):
-        return
-    original = tf.dispatch_attention_fn
-
+def _with_active_scale(original):
     def dispatch_attention_fn(*args, **kwargs):
         if _scale_stack and kwargs.get("scale") is None:
             kwargs["scale"] = _scale_stack[-1]
         return original(*args, **kwargs)
 
     dispatch_attention_fn._urae_scaled = True
-    tf.dispatch_attention_fn = dispatch_attention_fn
+    return dispatch_attention_fn
+
+
+@contextmanager
+def _scaled_dispatch():
+    """Route the FLUX module's `dispatch_attention_fn` through one that applies the active scale, for the
+    duration of the block only; nested and concurrent blocks share one installation, and the last to leave
+    puts diffusers' function back. Inside, only calls made within a hooked attention module see a scale."""
+    global _dispatch_original, _dispatch_users
+    from diffusers.models.transformers import transformer_flux as tf
+
+    with _dispatch_lock:
+        if _dispatch_users == 0:
+            _dispatch_original = tf.dispatch_attention_fn
+            tf.dispatch_attention_fn = _with_active_scale(_dispatch_original)
+        _dispatch_users += 1
+    try:
+        yield
+    finally:
+        with _dispatch_lock:
+            _dispatch_users -= 1
+            if _dispatch_users == 0:
+                if getattr(tf.dispatch_attention_fn, "_urae_scaled", False):  # unless someone replaced it since
+                    tf.dispatch_attention_fn = _dispatch_original
+                _dispatch_original = None
 
 
 def _transformer_of(model):
@@ -159,20 +185,22 @@ def apply_highres(model, settings: HighResSettings | dict | None = None):
     old_theta = transformer.pos_embed.theta
     hooks: list = []
     scheduler = getattr(model, "scheduler", None)
-    try:
-        if settings.ntk_factor != 1:
-            transformer.pos_embed.theta = FLUX_ROPE_THETA * settings.ntk_factor
-        if settings.proportional_attention:
-            hooks = _add_proportional_hooks(transformer, settings.base_seq_len)
-        if scheduler is not None:
-            model.scheduler = shifted_scheduler(scheduler, settings)
-        yield model
-    finally:
-        transformer.pos_embed.theta = old_theta
-        for h in hooks:
-            h.remove()
-        if scheduler is not None:
-            model.scheduler = scheduler
+    with ExitStack() as stack:
+        try:
+            if settings.ntk_factor != 1:
+                transformer.pos_embed.theta = FLUX_ROPE_THETA * settings.ntk_factor
+            if settings.proportional_attention:
+                stack.enter_context(_scaled_dispatch())
+                hooks = _add_proportional_hooks(transformer, settings.base_seq_len)
+            if scheduler is not None:
+                model.scheduler = shifted_scheduler(scheduler, settings)
+            yield model
+        finally:
+            transformer.pos_embed.theta = old_theta
+            for h in hooks:
+                h.remove()
+            if scheduler is not None:
+                model.scheduler = scheduler
 
 
 def shifted_scheduler(scheduler, settings: HighResSettings):
@@ -181,7 +209,7 @@ def shifted_scheduler(scheduler, settings: HighResSettings):
         if not scheduler.config.get("use_dynamic_shifting", False):
             raise ValueError("dynamic_shift needs a scheduler config with base/max_shift (FLUX.1-dev's)")
         return scheduler
-    shift = settings.shift if settings.shift is not None else scheduler.config.get("shift", 1.0)
+    shift = settings.with_scheduler_shift(scheduler).shift
     return type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False, shift=shift)
 
 

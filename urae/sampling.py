@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from PIL import Image
 
+from urae.common import has_guidance_embedding
 from urae.flow import unpack_latents
 from urae.runtime import HighResSettings, apply_highres, check_resolution
 from urae.vae_decode import decode
@@ -25,7 +26,9 @@ class SampleRequest:
     height: int = 1024
     seed: int = 0
     steps: int | None = None  # None: 28 for dev, 4 for schnell
-    guidance: float | None = None  # None: 3.5 for dev; schnell has no guidance embedding
+    guidance: float | None = None  # embedded guidance; None: 3.5 for dev; schnell has no guidance embedding
+    cfg_scale: float = 1.0  # true classifier-free guidance; > 1 runs the model twice per step
+    negative_prompt: str | None = None  # used only with cfg_scale > 1 ("" when unset, as sd-scripts)
     max_sequence_length: int | None = None  # None: 512 dev, 256 schnell
     init_image: Image.Image | None = None
     strength: float = 0.6
@@ -34,11 +37,13 @@ class SampleRequest:
         check_resolution(self.width, self.height)
         if self.init_image is not None and not 0 < self.strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if not self.cfg_scale >= 1:
+            raise ValueError(f"cfg_scale must be >= 1 (1 = no CFG), got {self.cfg_scale}")
 
 
 def model_defaults(transformer) -> dict:
     """Per-variant defaults: FLUX.1-dev is guidance-distilled (has a guidance embedding), schnell is not."""
-    if transformer.config.get("guidance_embeds", False):
+    if has_guidance_embedding(transformer):
         return {"variant": "dev", "steps": 28, "guidance": 3.5, "max_sequence_length": 512}
     return {"variant": "schnell", "steps": 4, "guidance": 0.0, "max_sequence_length": 256}
 
@@ -63,8 +68,9 @@ def decode_to_image(pipe, tokens: torch.Tensor, width: int, height: int, split: 
 
 
 def generate(pipe, req: SampleRequest, settings: HighResSettings | None = None, prompt_embeds=None,
-             on_step=None, split_vae: bool | None = None) -> Image.Image:
-    """One image. `prompt_embeds=(t5_seq, clip_pooled)` skips the text encoders (training samples)."""
+             on_step=None, split_vae: bool | None = None, negative_embeds=None) -> Image.Image:
+    """One image. `prompt_embeds=(t5_seq, clip_pooled)` skips the text encoders (training samples); with
+    cfg_scale > 1 they need `negative_embeds` of the same form."""
     from diffusers import FluxImg2ImgPipeline
 
     req = fill_defaults(req, pipe.transformer)
@@ -82,6 +88,14 @@ def generate(pipe, req: SampleRequest, settings: HighResSettings | None = None, 
         kwargs["prompt_embeds"], kwargs["pooled_prompt_embeds"] = prompt_embeds
     else:
         kwargs["prompt"] = req.prompt
+    if req.cfg_scale > 1:  # diffusers' true CFG: (1 - s) * negative + s * positive at every step
+        kwargs["true_cfg_scale"] = req.cfg_scale
+        if prompt_embeds is None:
+            kwargs["negative_prompt"] = req.negative_prompt or ""
+        elif negative_embeds is None:
+            raise ValueError("cfg_scale > 1 with precomputed prompt embeddings needs negative_embeds")
+        else:
+            kwargs["negative_prompt_embeds"], kwargs["negative_pooled_prompt_embeds"] = negative_embeds
     if on_step is not None:
         def callback(_pipe, _i, _t, tensors):
             on_step()

@@ -35,7 +35,8 @@ OPTIONS = [
     Option("network_dim", int, 16, "LoRA rank r"),
     Option("network_alpha", float, 16.0, "LoRA alpha (scale = alpha / r)"),
     Option("network_args", list, [], "module options as key=value (init=minor, targets=urae, …)"),
-    Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one)"),
+    Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one); "
+           "a path or a hub file owner/repo/file.safetensors"),
     # high-res runtime
     Option("ntk_factor", float, 1.0, "RoPE theta = 10000 x ntk_factor"),
     Option("proportional_attention", bool, False, "softmax scale sqrt(log N / log 4608) / sqrt(d)"),
@@ -69,12 +70,12 @@ OPTIONS = [
            "details (sd-scripts' no_metadata)"),
     Option("resume", str, None, "'auto' (newest state in output_dir) or a state folder"),
     Option("overwrite", bool, False, "allow output_dir to hold another run's files"),
-    Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--l flags allowed)"),
+    Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--g flags allowed)"),
     Option("sample_every_n_steps", int, None, "make samples every N steps"),
     Option("sample_at_first", bool, False, "also make samples before training"),
     Option("sample_resolution", str, None, "sample size 'W,H' (default: the base resolution)"),
     Option("sample_steps", int, None, "sample denoising steps (default 28 dev, 4 schnell)"),
-    Option("log_with", str, None, "tensorboard (when installed)", choices=("tensorboard", "none")),
+    Option("log_with", str, None, "tensorboard (when installed); unset = none", choices=("tensorboard", "none")),
     Option("logging_dir", str, None, "TensorBoard folder (default <output_dir>/logs)"),
     # GPU memory (urae.memory); explicit keys override what memory = auto chose
     Option("memory", str, "auto", "auto: block swap / activation offload / fp8 chosen from the GPU's memory and the "
@@ -136,5 +137,7 @@ def network_kwargs(cfg: dict) -> dict:
             raise ConfigError(f"network_args: {item!r} is not key=value")
         out[key.strip()] = value.strip()
     if cfg["base_lora"]:
-        out["base_lora"] = cfg["base_lora"]
+        from urae.adapters import resolve_lora_file
+
+        out["base_lora"] = resolve_lora_file(cfg["base_lora"])  # a hub file: from the usual cache
     return out

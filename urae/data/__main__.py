@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
+from urae.common import DTYPES
 from urae.data.build import build_caches
 from urae.data.options import DataOptions
 from urae.data.status import cache_status
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
             ap.add_argument(f"--{f.name}", default=None, type=float if f.name == "real_prompt_ratio" else
                             int if f.name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps") else str)
     ap.add_argument("--t5_max_length", type=int, default=None, help="default: 512 dev, 256 schnell")
-    ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="model and cache dtype (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model and cache dtype (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--split_threshold", type=int, default=None, help="pixels above which the VAE encode is row-split")
     ap.add_argument("--stats_json", default=None, help="each rank writes <this>.rank<N>.json with its encode counts")
     ap.add_argument("--no_progress", action="store_true")
@@ -70,7 +69,7 @@ def _run(a: argparse.Namespace) -> None:
     # A rank may wait hours at the barrier for a slower one; NCCL's default watchdog gives up after 10 minutes.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=3))
     device = state.device
-    dtype = _DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # Only the models of incomplete caches are loaded (none when everything is cached).
     status = cache_status(options, a.model, dtype=dtype, t5_max_length=a.t5_max_length, accelerator=state)
     parts = load_text_encoders(a.model, dtype, device) if status.needs_text_encoders else {}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from urae.common import has_guidance_embedding
 from urae.data import memo
 from urae.data.datasets import ImageItem, ScanResult, scan
 from urae.data.distributed import ranks_of
@@ -52,8 +53,7 @@ def component_of(components, name: str):
 def default_t5_max_length(components) -> int:
     """256 for FLUX.1-schnell (no guidance embedding), else 512."""
     transformer = component_of(components, "transformer")
-    cfg = getattr(transformer, "config", None)
-    if cfg is not None and getattr(cfg, "guidance_embeds", True) is False:
+    if transformer is not None and not has_guidance_embedding(transformer):
         return T5_MAX_LENGTH_SCHNELL
     return T5_MAX_LENGTH_DEV
 

@@ -117,11 +117,10 @@ def subsets_from_toml(path: str | os.PathLike, options: DataOptions) -> list[Sub
 
     Lookup order for a key: subset, then dataset, then [general], then `options`.
     """
-    import tomllib
+    from urae import tomlfile
 
     path = Path(path)
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
+    cfg = tomlfile.load(path)
     general = cfg.get("general", {})
     datasets = cfg.get("datasets", [])
     if not datasets:

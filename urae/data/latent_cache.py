@@ -27,7 +27,7 @@ from urae.data.datasets import ImageItem
 from urae.data.distributed import Ranks
 from urae.data.identity import file_fingerprint, module_fingerprint
 from urae.data.images import bucket_pixels
-from urae.data.vae_encode import DEFAULT_CHUNK_PIXELS, DEFAULT_SPLIT_THRESHOLD, VAE_SCALE, encode_posterior
+from urae.data.vae_encode import DEFAULT_CHUNK_PIXELS, DEFAULT_SPLIT_THRESHOLD, encode_posterior
 from urae.io import cached_file_meta, load_safetensors, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,3 @@ def cache_latents(items: list[ImageItem], vae, ranks: Ranks | None = None, dtype
         logger.warning("skipped %d image(s) that could not be decoded:\n  %s", len(report.failed),
                        "\n  ".join(f"{p}: {why}" for p, why in report.failed))
     return report
-
-
-def latent_shape(bucket: tuple[int, int], channels: int = 16) -> tuple[int, int, int]:
-    return channels, bucket[1] // VAE_SCALE, bucket[0] // VAE_SCALE

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from urae.common import did_you_mean
 
 BUCKET_MODES = ("urae", "area")
 # FLUX needs multiples of 16: 8x VAE downscale times the transformer's 2x2 patches.
@@ -63,8 +64,7 @@ class DataOptions:
         if unknown:
             hints = []
             for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                hints.append(f"{k!r}{did_you_mean(k, known)}")
             raise ValueError(f"unknown data option(s): {', '.join(hints)}; valid keys: {', '.join(known)}")
         return cls(**d)
 

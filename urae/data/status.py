@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from urae.common import has_guidance_embedding
 from urae.data import memo
 from urae.data.buckets import bucket_table
 from urae.data.datasets import ScanResult, scan
@@ -98,7 +99,7 @@ def t5_length_of(folder: Path | None) -> int:
         cfg = json.loads((folder / "transformer" / "config.json").read_text())
     except (OSError, TypeError, ValueError):
         return T5_MAX_LENGTH_DEV
-    return T5_MAX_LENGTH_DEV if cfg.get("guidance_embeds", True) else T5_MAX_LENGTH_SCHNELL
+    return T5_MAX_LENGTH_DEV if has_guidance_embedding(cfg) else T5_MAX_LENGTH_SCHNELL
 
 
 def cache_status(options: DataOptions | dict, model_location: str | None, *, dtype: torch.dtype,
