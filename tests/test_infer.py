@@ -287,3 +287,35 @@ def test_lora_names_local_paths_pass_through_and_hub_files_come_from_the_cache(t
 
     with pytest.raises(AdapterError, match="not in the cache"):  # the training command's early base_lora check
         check_adapter_file("someone/urae/sub/other.safetensors")
+
+
+def test_fp8_storage_generates_as_fp8_rounded_weights_do(tiny_flux_dir, trained_lora, tmp_path, capsys):
+    """--fp8 stores the blocks' Linear weights as float8 and upcasts them per layer: the image equals the one
+    from a model whose weights were rounded to float8 beforehand (the LoRA's change stays full precision), and
+    differs from the full-precision one."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    rounded = tmp_path / "rounded"
+    shutil.copytree(tiny_flux_dir, rounded)
+    t = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
+    with torch.no_grad():
+        for block in [*t.transformer_blocks, *t.single_transformer_blocks]:
+            for m in block.modules():
+                if isinstance(m, torch.nn.Linear):
+                    for p in m.parameters():
+                        p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
+    t.save_pretrained(rounded / "transformer")
+    common = ("--lora", str(trained_lora), "--prompt", "a red circle", "--width", "256", "--height", "256")
+    images = {}
+    for name, model, extra in (("fp8", tiny_flux_dir, ["--fp8"]), ("rounded", rounded, []),
+                               ("full", tiny_flux_dir, [])):
+        rc, out = run(tmp_path / name, model, *common, *extra)
+        assert rc == 0
+        images[name] = np.asarray(Image.open(out / "00000_0.png"), dtype=np.int16)
+        if name == "fp8":
+            assert "memory: fp8 transformer 11.1 GiB" in capsys.readouterr().out
+    to_rounded, to_full = np.abs(images["fp8"] - images["rounded"]), np.abs(images["fp8"] - images["full"])
+    assert to_rounded.max() <= 1
+    assert to_full.sum() > 10 * to_rounded.sum() + 1000, (to_full.sum(), to_rounded.sum())  # fp8 really applied

@@ -41,6 +41,8 @@ OPTIONS = [
     Option("shift", float, None, "static timestep shift (default: the scheduler config's, 3.0 dev)"),
     Option("dynamic_shift", bool, False, "FLUX's resolution-dependent shift instead of the static one"),
     Option("offload", str, "auto", "GPU memory mode", choices=("auto", "none", "model", "sequential")),
+    Option("fp8", bool, False, "store the transformer blocks' weights as float8 e4m3, upcast per layer (as training's "
+           "fp8_base): 11.1 instead of 22.2 GiB, so 4096² fits a 24 GB GPU; values change by fp8 rounding"),
     Option("vae_tiling", bool, None, "split the VAE decode into row chunks (exact; automatic above 2048²)"),
     Option("init_resolution", int, None, "two-stage hi-res: draft at this long side, then refine"),
     Option("init_image", str, None, "refine this image at the target size (image-to-image)"),
@@ -169,6 +171,27 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
         raise ConfigError(str(e)) from e
 
 
+def memory_plan(cfg, requests) -> str:
+    """The plan's memory line: the expected peak of a denoising step at the largest size."""
+    from urae.memory.generation import denoise_peak_bytes, forward_work_bytes, transformer_bytes
+
+    big = max(requests, key=lambda r: r.width * r.height)
+    gib = 2**30
+    return (f"memory: {'fp8' if cfg['fp8'] else 'bf16'} transformer {transformer_bytes(cfg['fp8']) / gib:.1f} GiB + "
+            f"{forward_work_bytes(big.width, big.height) / gib:.1f} GiB activations at {big.width}x{big.height}: "
+            f"expected peak while denoising {denoise_peak_bytes(big.width, big.height, cfg['fp8']) / gib:.1f} GiB "
+            f"(FLUX.1-dev; text encoders offloaded, plus the CUDA context)")
+
+
+def apply_fp8(transformer) -> None:
+    """float8 storage of the blocks' Linear weights, after the LoRAs are attached or fused (their change is
+    computed from the full-precision weights)."""
+    from urae.memory import transformer_blocks
+    from urae.memory.fp8 import Fp8Storage
+
+    Fp8Storage(transformer_blocks(transformer), next(transformer.parameters()).dtype)
+
+
 def place_pipeline(pipe, mode: str, device) -> str:
     """Move to the device, or offload when asked / when the model does not fit the GPU."""
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,11 +244,19 @@ def run(cfg: dict) -> list[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
     resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
-    for line in plan:
+    if cfg["fp8"]:
+        from urae.memory.options import float8_problem
+
+        why = float8_problem(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if why:
+            raise ConfigError(f"--fp8: this device cannot store float8 weights ({why}); leave --fp8 off")
+    for line in [*plan, memory_plan(cfg, requests)]:
         print(line, flush=True)
 
     pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=cfg["dtype"], device=None)
     networks = attach_adapters(pipe.transformer, loras, scales, fuse=cfg["fuse_lora"])
+    if cfg["fp8"]:
+        apply_fp8(pipe.transformer)
     placement = place_pipeline(pipe, cfg["offload"], cfg["device"])
     if not cfg["fuse_lora"]:  # attached adapters are not submodules of the transformer: move them along
         for net in networks:
