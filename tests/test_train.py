@@ -450,3 +450,17 @@ def test_shared_files_carry_no_local_paths_and_no_metadata_keeps_only_what_loade
         else:
             recipe = json.loads(meta["urae_recipe"])
             assert recipe["base_lora"]["name"] == "my_2k.safetensors" and recipe["base_lora"]["fingerprint"]
+
+
+def test_training_samples_follow_sd_scripts_flags_and_record_the_shift(tiny_flux_dir, data_dir, tmp_path, capsys):
+    from urae.outputs import read_png_info
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --l 2.5 --n blurry\na blue square --w 64 --h 64 --s 2\n")
+    out = tmp_path / "s"
+    assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "1", "--sample_prompts", str(prompts),
+                     "--sample_every_n_steps", "1")) == 0
+    assert f"samples of step 1: 2 image(s) in {out / 'samples'}" in capsys.readouterr().out
+    infos = [read_png_info(out / "samples" / f"0000001_0{i}.png") for i in (0, 1)]
+    assert [float(i["cfg_scale"]) for i in infos] == [2.5, 1.0]
+    assert all(json.loads(i["runtime"])["shift"] == 3.0 for i in infos)

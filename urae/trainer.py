@@ -42,6 +42,7 @@ from urae.checkpoints import (
     state_dir,
     truncate_log,
 )
+from urae.common import DTYPES, dtype_from_name
 from urae.config import ConfigError, format_table, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
@@ -132,9 +133,10 @@ def _adapter_metadata(cfg, step: int) -> dict:
                                   "ntk_factor", "proportional_attention",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
     if cfg["base_lora"]:  # shared files name their parent by file name and content, never by a local path
+        from urae.adapters import resolve_lora_file
         from urae.data.identity import file_fingerprint
 
-        base = Path(cfg["base_lora"])
+        base = Path(resolve_lora_file(cfg["base_lora"]))
         recipe["base_lora"] = {"name": base.name, "fingerprint": file_fingerprint(base)}
     return {
         "ss_steps": str(step),
@@ -224,7 +226,9 @@ def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
 
     main, device = accelerator.is_main_process, accelerator.device
     prompts = _sample_prompts(cfg)
-    texts = [r["prompt"] for r in prompts]
+    # each prompt, then the negative prompt of each CFG line (sd-scripts' --l > 1 with --n; "" when unset)
+    negatives = [r.get("negative_prompt") or "" for r in prompts if r.get("cfg_scale", 1.0) > 1]
+    texts = [r["prompt"] for r in prompts] + negatives
     status = cache_status(plan.data, plan.model_location, dtype=weight_dtype, t5_max_length=cfg["t5_max_length"],
                           prompts=texts, accelerator=accelerator, log=main)
     parts = load_text_encoders(plan.model_location, weight_dtype, device) if status.needs_text_encoders else {}
@@ -239,7 +243,9 @@ def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return caches, [{**rec, "embeds": e} for rec, e in zip(prompts, embeds)]
+    negative = iter(embeds[len(prompts):])
+    return caches, [{**rec, "embeds": e, "negative_embeds": next(negative) if rec.get("cfg_scale", 1.0) > 1 else None}
+                    for rec, e in zip(prompts, embeds)]
 
 
 def _sample_prompts(cfg) -> list[dict]:
@@ -349,7 +355,7 @@ class Saver:
     def final(self) -> Path:
         cfg = self.cfg
         final = self.plan.out_dir / f"{cfg['output_name']}.safetensors"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["save_precision"], torch.float32)
+        dtype = DTYPES[cfg["save_precision"]]
         meta = {} if cfg["no_metadata"] else _adapter_metadata(cfg, cfg["max_train_steps"])
         self._guard(final.name, lambda: self.network.save_weights(str(final), dtype, meta))
         return final
@@ -376,13 +382,16 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
                                      disable=not main)):
             i = j * world + rank
             req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
-                                steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"))
-            t5, pooled = rec["embeds"]
-            img = generate(pipe, req, settings, prompt_embeds=(t5.to(device), pooled.to(device)))
+                                steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"),
+                                cfg_scale=rec.get("cfg_scale", 1.0), negative_prompt=rec.get("negative_prompt"))
+            used = settings.with_scheduler_shift(scheduler)
+            neg = rec.get("negative_embeds")
+            img = generate(pipe, req, used, prompt_embeds=tuple(t.to(device) for t in rec["embeds"]),
+                           negative_embeds=None if neg is None else tuple(t.to(device) for t in neg))
             if write:
                 paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
                                       {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
-                                       "height": req.height, "runtime": settings.to_dict()}))
+                                       "height": req.height, "cfg_scale": req.cfg_scale, "runtime": used.to_dict()}))
     finally:
         network.train(was_training)
         vae.to("cpu")
@@ -529,7 +538,7 @@ def train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
     plan = plan_stage(cfg, accelerator)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = dtype_from_name(accelerator.mixed_precision)
     caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
