@@ -8,7 +8,6 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -24,10 +23,11 @@ from pathlib import Path
 import torch
 
 from networks.minor_lora import bfl_equivalents, bfl_row_sizes, detect_layout
+from urae.common import DTYPES
+from urae.common import did_you_mean as _did_you_mean
 from urae.flux_keys import BFL_PREFIXES, linear_pairs
 from urae.io import atomic_path
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -53,8 +53,7 @@ class Interrupted(BaseException):
 
 
 def did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return _did_you_mean(name, choices, cutoff=0.5)
 
 
 def parse_dtype(name: str | None):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from urae.common import free_port
 from urae.config import ConfigError, read_toml
 from urae.demo import write_demo_dataset
 from urae.trainer import main, parse
@@ -72,14 +73,6 @@ def test_loss_decreases_on_a_fixed_batch():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(distributed: list[str], out: Path, *extra) -> subprocess.CompletedProcess:
