@@ -23,7 +23,7 @@ With a GPU (`--gpu`): the same step for real with random weights, torch.cuda.max
 the step time relative to all-resident; rows whose configuration targets 24 GB run under
 torch.cuda.set_per_process_memory_fraction(24 GB).
 
-    python benchmarks/bench_memory.py                      # fake tensors, 1024² 2048² 4096² (CPU, ~30 min)
+    python benchmarks/bench_memory.py                      # fake tensors, 1024² 2048² 4096² (CPU, ~12 min)
     python benchmarks/bench_memory.py --sizes 4096 --configs resident fp8+offload
     python benchmarks/bench_memory.py --gpu --sizes 1024 2048
     python benchmarks/bench_memory.py --quick              # tiny model, seconds (smoke test)

@@ -208,6 +208,18 @@ def test_auto_targets_of_the_issue():
         choose_memory(12 * GiB, 4096, 4096)
 
 
+def test_auto_only_chooses_what_the_user_left_open():
+    options, peak = choose_memory(24 * GiB, 2048, 2048, fixed={"fp8_base": True})
+    assert options.fp8_base and peak <= usable_bytes(24 * GiB)
+    assert options.blocks_to_swap < choose_memory(24 * GiB, 2048, 2048)[0].blocks_to_swap  # fp8 needs fewer swapped
+    options, _ = choose_memory(48 * GiB, 4096, 4096, fixed={"offload_activations": True})
+    assert options == MemoryOptions(offload_activations=True)  # 34.8 GiB: no block needs to move
+    with pytest.raises(MemoryConfigError, match="no memory configuration fits"):
+        choose_memory(24 * GiB, 4096, 4096, fixed={"blocks_to_swap": 0})
+    with pytest.raises(MemoryConfigError, match="unknown memory option"):
+        choose_memory(24 * GiB, 4096, 4096, fixed={"fp8": True})
+
+
 def test_auto_keeps_pinned_host_memory_within_its_budget():
     free, _ = choose_memory(24 * GiB, 4096, 4096)
     assert host_bytes(free, 4096, 4096) > 32 * GiB  # bf16 blocks and every block input in host memory

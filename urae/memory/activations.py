@@ -64,7 +64,6 @@ class _BlockFunction(torch.autograd.Function):
         out_spec.append(o_spec)
         saved = [None if isinstance(x, torch.Tensor) else x for x in leaves]
         host = {}
-        keep = []
         for j, k in enumerate(positions):
             t = leaves[k].detach()
             if ckpt.offload and j < OFFLOADED_ARGS:
@@ -72,7 +71,6 @@ class _BlockFunction(torch.autograd.Function):
                 ckpt.mover.stats.activation_offloads += 1
                 ckpt.mover.stats.activation_bytes += t.numel() * t.element_size()
             else:
-                keep.append(k)
                 saved[k] = t
         ctx.record = _Saved(saved, host, ckpt.mover)
         ckpt.tape.append(ctx.record)

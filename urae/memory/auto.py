@@ -29,14 +29,24 @@ def candidates(n_blocks: int = N_DOUBLE + N_SINGLE):
 
 
 def choose_memory(total_gpu_bytes: int, width: int, height: int, batch_size: int = 1, rank: int = 16,
-                  gradient_checkpointing: bool = True, host_budget_bytes: int | None = None) -> tuple[MemoryOptions, int]:
-    """(options, estimated peak bytes) for one FLUX.1-dev training process on a GPU of `total_gpu_bytes`;
-    `host_budget_bytes` bounds the pinned host memory swapped blocks and offloaded inputs may take."""
+                  gradient_checkpointing: bool = True, host_budget_bytes: int | None = None,
+                  fixed: dict | None = None) -> tuple[MemoryOptions, int]:
+    """(options, estimated peak bytes) for one FLUX.1-dev training process on a GPU of `total_gpu_bytes`.
+
+    `host_budget_bytes` bounds the pinned host memory swapped blocks and offloaded inputs may take;
+    `fixed` holds the options the user set explicitly ({"fp8_base": True}): auto chooses only the rest.
+    """
     if not gradient_checkpointing:
         raise MemoryConfigError("memory = auto needs gradient_checkpointing = true")
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(MemoryOptions().to_dict())
+    if unknown:
+        raise MemoryConfigError(f"unknown memory option(s) {sorted(unknown)}")
     budget = usable_bytes(total_gpu_bytes)
     best, smallest = None, None
     for options in candidates():
+        if any(getattr(options, k) != v for k, v in fixed.items()):
+            continue
         if host_budget_bytes is not None and host_bytes(options, width, height, batch_size) > host_budget_bytes:
             continue
         peak = estimate_peak_bytes(options, width, height, batch_size, rank)
@@ -49,6 +59,8 @@ def choose_memory(total_gpu_bytes: int, width: int, height: int, batch_size: int
     if best is None:
         need = (smallest + MARGIN_BYTES) / (1 - MARGIN_FRACTION)
         host = f" within {host_budget_bytes / GiB:.1f} GiB of host memory" if host_budget_bytes is not None else ""
+        if smallest is None:
+            raise MemoryConfigError(f"no memory configuration has {fixed}{host}")
         raise MemoryConfigError(f"no memory configuration fits {total_gpu_bytes / GiB:.1f} GiB at {width}x{height} "
                                 f"batch {batch_size}{host}: the smallest needs a {need / GiB:.1f} GiB GPU; lower the "
                                 f"resolution or batch size, or shard the model over several GPUs (FSDP)")
