@@ -41,9 +41,9 @@ def block_counts(model_location: str) -> tuple[int, int]:
     from diffusers import FluxTransformer2DModel
 
     try:
-        c = FluxTransformer2DModel.load_config(model_location, subfolder="transformer")
+        c = FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True)
         return int(c["num_layers"]), int(c["num_single_layers"])
-    except Exception:  # a hub id whose config is not cached: the real FLUX.1 layout
+    except Exception:  # a hub id whose config is not cached yet (no download here): the real FLUX.1 layout
         return FLUX_BLOCKS
 
 
@@ -56,14 +56,17 @@ def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: b
     batch = cfg["train_batch_size"]
     if cfg["memory"] == "auto" and device.type == "cuda" and not fsdp:
         total = torch.cuda.get_device_properties(device).total_memory
-        options, _ = choose_memory(total, w, h, batch_size=batch)
+        try:  # the keys the user set stay as set; auto chooses the others
+            options, _ = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
+                                       gradient_checkpointing=cfg["gradient_checkpointing"], fixed=explicit)
+        except MemoryConfigError as e:
+            raise ConfigError(str(e)) from None
         how = f"memory = auto for {total / 2**30:.0f} GiB at {w}x{h}"
     else:
-        options = MemoryOptions()
+        options = dataclasses.replace(MemoryOptions(), **explicit)
         how = ("no GPU: nothing to fit" if device.type != "cuda" else
                f"FSDP over {world} GPUs" if fsdp and cfg["memory"] == "auto" else "memory = off")
     if explicit:
-        options = dataclasses.replace(options, **explicit)
         how += ", " + ", ".join(f"{k} = {v}" for k, v in explicit.items()) + " given"
     if fsdp and (options.blocks_to_swap or options.fp8_base):
         raise ConfigError("blocks_to_swap and fp8_base are for one GPU; under FSDP the base is already split across "
@@ -72,6 +75,6 @@ def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: b
         check_memory_options(options, block_counts(model_location), device, cfg["gradient_checkpointing"])
     except MemoryConfigError as e:
         raise ConfigError(str(e)) from None
-    peak = None if fsdp or device.type != "cuda" else estimate_peak_bytes(
-        options, w, h, batch_size=batch, gradient_checkpointing=cfg["gradient_checkpointing"])
+    peak = None if fsdp or device.type != "cuda" or not cfg["gradient_checkpointing"] else estimate_peak_bytes(
+        options, w, h, batch_size=batch, rank=cfg["network_dim"], gradient_checkpointing=True)
     return MemoryChoice(options, peak, how)
