@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-# FLUX.1 facts the tiny model keeps (DESIGN.md §6).
+# FLUX.1 facts the tiny model keeps (docs/runtime.md, FLUX.1 constants).
 VAE_SCALING_FACTOR = 0.3611
 VAE_SHIFT_FACTOR = 0.1159
 LATENT_CHANNELS = 16

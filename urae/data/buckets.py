@@ -11,7 +11,7 @@ from urae.data.options import SIZE_MULTIPLE
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 
-# URAE's shapes (width : height), long side = base; DESIGN.md §6.
+# URAE's shapes (width : height), long side = base; docs/training.md, recipes.
 URAE_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2), (4, 1), (1, 4))
 
 
