@@ -197,8 +197,9 @@ def check_free_space(dest: Path, needed: int, what: str = "the output") -> None:
 
 # What readers of a LoRA file act on: the inference runtime settings, minor_lora's resume structure,
 # convert_lora's fused split. --no_metadata keeps only these.
-LOADER_KEYS = ("urae_format", "urae_init", "urae_rank", "urae_alpha", "urae_targets", "urae_layout",
-               "urae_structure", "urae_source_structure", "urae_runtime", "urae_fused_split")
+LOADER_KEYS = ("urae_format", "urae_init", "urae_plain_init", "urae_rank", "urae_alpha", "urae_export_rank",
+               "urae_export_alpha", "urae_targets", "urae_layout", "urae_structure", "urae_source_structure",
+               "urae_runtime", "urae_fused_split")
 
 
 def file_sha256(path, chunk: int = 1 << 24) -> str:

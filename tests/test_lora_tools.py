@@ -733,6 +733,12 @@ def test_convert_refreshes_rank_metadata_and_keeps_a_stale_structure_only_as_the
                               "--no_metadata"], capsys)[0] == 0
     assert not any(k.startswith("ss_") for k in safe_open(str(tmp_path / "n.safetensors"), "pt").metadata())
     assert create_network_from_weights(1.0, str(tmp_path / "n.safetensors"), None, None, base)[0].init == "minor"
+    # and a Gaussian plain adapter keeps its init, so resuming it with plain_init=gaussian is not refused
+    g = create_network(1.0, 2, 2, None, None, base, init="plain", plain_init="gaussian", verbose="False")
+    g.save_weights(tmp_path / "g.safetensors", None, {})
+    assert run(convert_lora, [tmp_path / "g.safetensors", tmp_path / "gn.safetensors", "--to", "peft",
+                              "--no_metadata"], capsys)[0] == 0
+    assert safe_open(str(tmp_path / "gn.safetensors"), "pt").metadata()["urae_plain_init"] == "gaussian"
 
 
 def test_tools_write_names_and_hashes_not_paths_and_offer_no_metadata(tmp_path, shapes, tiny_bfl_checkpoint,
