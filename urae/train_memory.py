@@ -8,6 +8,7 @@ what it chose. The line it prints says what was chosen and the expected peak.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,21 +48,35 @@ def block_counts(model_location: str) -> tuple[int, int]:
         return FLUX_BLOCKS
 
 
+def host_budget_bytes(gib: float | None) -> int:
+    """Pinned host memory one process may take: as given, else 70 % of the machine's RAM shared by the
+    processes on this node (pinned pages cannot be swapped out; the rest of the system needs room too)."""
+    if gib is not None:
+        return int(gib * 2**30)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(0.7 * total / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: bool, world: int) -> MemoryChoice:
     from urae.data.options import parse_resolution
     from urae.memory import MemoryConfigError, MemoryOptions, check_memory_options, choose_memory, estimate_peak_bytes
+    from urae.memory.estimate import host_bytes
 
     explicit = {k: cfg[k] for k in MEMORY_KEYS if cfg[k] is not None}
     w, h = parse_resolution(cfg["resolution"])
     batch = cfg["train_batch_size"]
     if cfg["memory"] == "auto" and device.type == "cuda" and not fsdp:
         total = torch.cuda.get_device_properties(device).total_memory
+        host = host_budget_bytes(cfg["host_memory_budget"])
         try:  # the keys the user set stay as set; auto chooses the others
             options, _ = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
-                                       gradient_checkpointing=cfg["gradient_checkpointing"], fixed=explicit)
+                                       gradient_checkpointing=cfg["gradient_checkpointing"],
+                                       host_budget_bytes=host, fixed=explicit)
         except MemoryConfigError as e:
-            raise ConfigError(str(e)) from None
-        how = f"memory = auto for {total / 2**30:.0f} GiB at {w}x{h}"
+            raise ConfigError(f"{e}; set blocks_to_swap / fp8_base / offload_activations yourself, or raise "
+                              f"host_memory_budget") from None
+        how = (f"memory = auto for {total / 2**30:.0f} GiB at {w}x{h}, pinned host memory "
+               f"{host_bytes(options, w, h, batch) / 2**30:.1f} of {host / 2**30:.0f} GiB")
     else:
         options = dataclasses.replace(MemoryOptions(), **explicit)
         how = ("no GPU: nothing to fit" if device.type != "cuda" else

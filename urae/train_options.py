@@ -85,6 +85,8 @@ OPTIONS = [
     Option("fp8_base", bool, None, "store the frozen base weights as float8 e4m3, upcast per layer (lossy: see the "
            "README's fp8 note)"),
     Option("offload_activations", bool, None, "checkpointed block inputs wait in host memory for backward (lossless)"),
+    Option("host_memory_budget", float, None, "memory = auto: GiB of pinned host RAM one process may use for swapped "
+           "blocks and offloaded inputs (default: 70% of the machine's RAM shared by its processes)"),
 ]
 
 
