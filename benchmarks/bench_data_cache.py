@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,7 +181,30 @@ def _host_ram_child(mode: str, model: str, data: str, cache: str, out: str) -> N
     from urae.loading import load_pipeline
 
     options = DataOptions(train_data_dir=data, cache_dir=cache, resolution=64)
+    import urae.trainer  # noqa: F401  (so the training modes below count from the same imports)
+
     base = _peak_rss()
+    if mode.startswith("train"):  # the training process itself, one step: flux_urae_train.py's main()
+        import logging
+
+        from urae.trainer import main
+
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("urae").addHandler(handler)
+        logging.getLogger("urae").setLevel(logging.INFO)
+        argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--cache_dir", cache,
+                "--resolution", "64", "--output_dir", str(Path(out).with_suffix("")), "--max_train_steps", "1",
+                "--network_dim", "2", "--network_alpha", "2", "--optimizer_type", "adamw", "--learning_rate", "1e-4",
+                "--mixed_precision", "no", "--t5_max_length", "32"]
+        if main(argv) != 0:
+            raise SystemExit(f"training failed in mode {mode}")
+        loaded = sorted({r.getMessage().split(":")[0] for r in records} & {"transformer", "vae", "text_encoder",
+                                                                            "text_encoder_2"})
+        Path(out).write_text(json.dumps({"mode": mode, "base": base, "peak": _peak_rss(), "loaded": loaded,
+                                         "entries": 0, "encoded": 0}))
+        return
     if mode.startswith("pipeline"):
         pipe = load_pipeline(model, dtype=torch.float32)
         if mode == "pipeline-read":  # every weight page read once, as the trainer's .to(cuda) does
@@ -217,7 +241,7 @@ def _widen_t5(model: Path) -> int:
     return sum(p.numel() for p in big.parameters())
 
 
-def host_ram(n_images: int) -> list[dict]:
+def host_ram(n_images: int, train: bool = False) -> list[dict]:
     from urae.data import DataOptions, build_caches
     from urae.data.synthetic import write_image
     from urae.loading import load_pipeline
@@ -234,22 +258,29 @@ def host_ram(n_images: int) -> list[dict]:
         build_caches(DataOptions(train_data_dir=str(tmp / "data"), cache_dir=str(tmp / "cache"), resolution=64),
                      load_pipeline(str(model)), model_location=str(model), progress=False)
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-        for mode in _HOST_MODES:
+        modes = list(_HOST_MODES)
+        if train:  # a training process without its captions' cache (loads T5), then one with complete caches
+            shutil.copytree(tmp / "cache", tmp / "cache-texts-gone")
+            for d in [d for d in (tmp / "cache-texts-gone").rglob("text") if d.is_dir()]:
+                shutil.rmtree(d)
+            modes += ["train-uncached", "train-cached"]
+        for mode in modes:
+            cache = tmp / ("cache-texts-gone" if mode == "train-uncached" else "cache")
             out = tmp / f"{mode}.json"
             subprocess.run([sys.executable, __file__, "--_host-ram-child", mode, str(model), str(tmp / "data"),
-                            str(tmp / "cache"), str(out)], env=env, check=True, capture_output=True)
+                            str(cache), str(out)], env=env, check=True, capture_output=True)
             rows.append({**json.loads(out.read_text()), "t5_params": t5_params})
     return rows
 
 
-def print_host_ram(n: int) -> None:
-    rows = host_ram(n)
+def print_host_ram(n: int, train: bool = False) -> None:
+    rows = host_ram(n, train)
     print(f"\nhost RAM of one process getting the plan from complete caches ({n} images, tiny pipeline with a "
           f"{rows[0]['t5_params'] / 1e6:.0f} M-parameter T5 ({rows[0]['t5_params'] * 4 / 2**20:.0f} MiB fp32) for "
           "T5-XXL; peak RSS (VmHWM), MiB; 'after imports' = the same imports done first in both):")
-    print(f"{'mode':>13} {'after imports':>14} {'peak':>8} {'added':>8}  models loaded")
+    print(f"{'mode':>14} {'after imports':>14} {'peak':>8} {'added':>8}  models loaded")
     for r in rows:
-        print(f"{r['mode']:>13} {_mib(r['base']):>14} {_mib(r['peak'])} {_mib(r['peak'] - r['base'])}  "
+        print(f"{r['mode']:>14} {_mib(r['base']):>14} {_mib(r['peak'])} {_mib(r['peak'] - r['base'])}  "
               f"{', '.join(r['loaded']) or 'none'} (encoded {r['encoded']})")
     gib = {k: 2 * v / 2**30 for k, v in FLUX_PARAMS.items()}
     print("FLUX.1-dev size, bf16 weights held before training starts: whole pipeline "
@@ -274,6 +305,8 @@ def main() -> None:
     ap.add_argument("--host-ram", action="store_true",
                     help="also measure peak RSS of getting a plan from complete caches, whole pipeline vs status first")
     ap.add_argument("--host-ram-only", action="store_true", help="run only the --host-ram section")
+    ap.add_argument("--host-ram-train", action="store_true",
+                    help="with --host-ram(-only): also a one-step training process with and without complete caches")
     ap.add_argument("--_vae-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_host-ram-child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -288,7 +321,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, tiny FLUX VAE (16-ch latent, 8x), fp32, CPU")
     if a.host_ram_only:
-        return print_host_ram(n)
+        return print_host_ram(n, a.host_ram_train)
 
     rows = throughput(n, a.size)
     print(f"\nlatent caching, {n} images of {a.size}x{a.size} (caching phase only; wall incl. startup in brackets)")
@@ -321,7 +354,7 @@ def main() -> None:
               "the split encode keeps those in host memory on a GPU (GPU peak not measured here)")
 
     if a.host_ram:
-        print_host_ram(n)
+        print_host_ram(n, a.host_ram_train)
 
     l2k = next(r for r in latents if r["bucket"] == "2048x2048")["bf16"] + texts[1]["per_image_2_variants"]
     l4k = next(r for r in latents if r["bucket"] == "4096x4096")["bf16"] + texts[1]["per_image_2_variants"]

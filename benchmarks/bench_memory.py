@@ -56,7 +56,8 @@ GB = 10**9
 PCIE_BYTES_PER_S = 25e9
 GPUS_TFLOPS = {"4090": 165e12, "H100": 989e12}
 PAPER_MB = {2048: 36124, 4096: 63010}  # URAE Table 8, H100, rank 16, batch 1, gradient checkpointing
-DESIGN_GIB = {1024: 24.6, 2048: 30.6, 4096: 54.5}
+# An earlier, independent tensor count of one all-resident step of the trainer at the same shapes.
+REFERENCE_GIB = {1024: 24.6, 2048: 30.6, 4096: 54.5}
 
 CONFIGS = {
     "resident": MemoryOptions(),
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
         flops = step_flops(cfg, size)
         floors = ", ".join(f"{k} {flops / v:.2f} s" for k, v in GPUS_TFLOPS.items())
         paper = f"; paper Table 8: {PAPER_MB[size]:,} MB = {PAPER_MB[size] * 1e6 / GiB:.1f} GiB" if size in PAPER_MB and not a.quick else ""
-        design = f"; DESIGN all-resident {DESIGN_GIB[size]} GiB" if size in DESIGN_GIB and not a.quick else ""
+        design = (f"; earlier all-resident count {REFERENCE_GIB[size]} GiB" if size in REFERENCE_GIB and not a.quick
+                  else "")
         print(f"\n{size}x{size}: step FLOP floor {flops / 1e15:.2f} PFLOP ({floors}){paper}{design}")
         print(f"{'configuration':<22} {'options':<48} {'peak ' + unit_name:>9} {'est. ' + unit_name:>9} "
               f"{'host ' + unit_name:>9} {'moved ' + big_name:>9} {'@25GB/s s':>10}"

@@ -232,7 +232,7 @@ def test_auto_keeps_pinned_host_memory_within_its_budget():
 
 def test_estimate_agrees_with_the_fake_tensor_count():
     # all-resident peaks of one real-size step counted by benchmarks/bench_memory.py (adapter in bf16 with AdamW
-    # there; fp32 with Prodigy in the estimate: +0.31 GiB), and DESIGN.md's 24.6 / 30.6 / 54.5 GiB within 10 %
+    # there; fp32 with Prodigy in the estimate: +0.31 GiB), and the earlier independent count's 24.6 / 30.6 / 54.5 GiB within 10 %
     for size, measured, design in ((1024, 24.50, 24.6), (2048, 30.49, 30.6), (4096, 54.48, 54.5)):
         est = estimate_peak_bytes(MemoryOptions(), size, size) / GiB
         assert est == pytest.approx(measured + 0.313, abs=0.02) and est == pytest.approx(design, rel=0.10)
