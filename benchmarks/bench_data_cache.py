@@ -197,7 +197,7 @@ def _host_ram_child(mode: str, model: str, data: str, cache: str, out: str) -> N
         argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--cache_dir", cache,
                 "--resolution", "64", "--output_dir", str(Path(out).with_suffix("")), "--max_train_steps", "1",
                 "--network_dim", "2", "--network_alpha", "2", "--optimizer_type", "adamw", "--learning_rate", "1e-4",
-                "--mixed_precision", "no", "--t5_max_length", "32"]
+                "--mixed_precision", "no"]
         if main(argv) != 0:
             raise SystemExit(f"training failed in mode {mode}")
         loaded = sorted({r.getMessage().split(":")[0] for r in records} & {"transformer", "vae", "text_encoder",
@@ -226,15 +226,16 @@ def _host_ram_child(mode: str, model: str, data: str, cache: str, out: str) -> N
 
 
 def _widen_t5(model: Path) -> int:
-    """Replace the tiny T5 by a ~100 M-parameter one (same tokenizer): weights big enough to see in RSS."""
+    """Replace the tiny T5 by a ~100 M-parameter one (same tokenizer and width): weights big enough to see in RSS."""
     import shutil
 
     from transformers import T5Config, T5EncoderModel
 
     folder = model / "text_encoder_2"
     cfg = T5Config.from_pretrained(folder)
-    big = T5EncoderModel(T5Config(vocab_size=cfg.vocab_size, d_model=1024, d_kv=64, d_ff=2816, num_layers=8,
-                                  num_heads=16, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    # the tiny width (what the tiny transformer's context embedder takes), its weight in very wide feed-forwards
+    big = T5EncoderModel(T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=16, d_ff=131072, num_layers=8,
+                                  num_heads=2, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
                                   use_cache=False))
     shutil.rmtree(folder)
     big.save_pretrained(folder, safe_serialization=True)
@@ -267,8 +268,10 @@ def host_ram(n_images: int, train: bool = False) -> list[dict]:
         for mode in modes:
             cache = tmp / ("cache-texts-gone" if mode == "train-uncached" else "cache")
             out = tmp / f"{mode}.json"
-            subprocess.run([sys.executable, __file__, "--_host-ram-child", mode, str(model), str(tmp / "data"),
-                            str(cache), str(out)], env=env, check=True, capture_output=True)
+            r = subprocess.run([sys.executable, __file__, "--_host-ram-child", mode, str(model), str(tmp / "data"),
+                                str(cache), str(out)], env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"host-RAM child {mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
             rows.append({**json.loads(out.read_text()), "t5_params": t5_params})
     return rows
 
