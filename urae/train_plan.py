@@ -17,7 +17,7 @@ from urae.train_options import DATA_KEYS
 # optimizer's fp32 moments (Prodigy keeps ~4 tensors per parameter, AdamW 2).
 _ADAPTER_BYTES_PER_PARAM = 8
 _OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4}
-URAE_TARGET_WEIGHTS = 190 * 3072 * 3072  # for the disk estimate: URAE's 190 targets at FLUX.1 width
+URAE_TARGETS = 190  # FLUX.1's URAE target Linears, all 3072 x 3072
 
 
 @dataclass
@@ -67,8 +67,18 @@ def _rank_words(cfg: dict) -> str:
     return f"{init} LoRA rank {r}"
 
 
-def _state_bytes(cfg: dict) -> int:
-    params = cfg["network_dim"] * URAE_TARGET_WEIGHTS // (3072 * 3072) * 2 * 3072  # r x (in + out) per target
+def _state_bytes(cfg: dict, model_location: str) -> int:
+    """URAE's targets (q, k, v, out of the 19 double blocks; q, k, v of the 38 single ones) at the model's width,
+    read from its config when it is on disk (FLUX.1's otherwise), r x (in + out) each."""
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        c = FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True)
+        width, targets = c["num_attention_heads"] * c["attention_head_dim"], 4 * c["num_layers"] + 3 * c[
+            "num_single_layers"]
+    except Exception:  # a hub id not downloaded yet
+        width, targets = 3072, URAE_TARGETS
+    params = cfg["network_dim"] * targets * 2 * width
     return params * (_ADAPTER_BYTES_PER_PARAM + _OPTIMIZER_BYTES_PER_PARAM.get(cfg["optimizer_type"], 16))
 
 
@@ -142,6 +152,6 @@ def make_plan(cfg: dict, is_main: bool = True) -> RunPlan:
     if cfg["base_lora"]:
         check_adapter_file(cfg["base_lora"])
     location = _check_model(cfg)
-    state_bytes = _state_bytes(cfg)
+    state_bytes = _state_bytes(cfg, location)
     check_free_space(out_dir, state_bytes)
     return RunPlan(out_dir, resume_path, options, found, location, state_bytes)

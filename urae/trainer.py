@@ -446,7 +446,8 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
         print(f"training {cfg['max_train_steps'] - start} step(s) (from {start}) on {world} process(es), "
               f"{len(caches.entries)} image(s), {human_count(sum(p.numel() for p in trainable))} trainable parameters, "
               f"ntk {settings.ntk_factor}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
-              f"guidance {cfg['guidance_scale']}, {accelerator.mixed_precision} on {device}", flush=True)
+              f"guidance {cfg['guidance_scale']}, {'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision} "
+              f"on {device}", flush=True)
     if tb:
         accelerator.init_trackers("urae", config={k: v for k, v in cfg.items()
                                                   if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
