@@ -1,0 +1,15 @@
+"""urae.train_plan: readable counts and sizes, and the plan line's rank wording (minor/major files are 2r)."""
+
+from urae.train_plan import _rank_words, human_bytes, human_count
+
+
+def test_counts_and_sizes_read_well():
+    assert [human_count(n) for n in (7, 7168, 18_690_048, 11.9e9)] == ["7", "7.17 K", "18.7 M", "11.9 B"]
+    assert [human_bytes(n) for n in (512, 71 * 2**20, 3 * 2**30 // 2)] == ["512 B", "71.0 MiB", "1.5 GiB"]
+
+
+def test_the_plan_explains_the_exported_rank():
+    minor = _rank_words({"network_args": ["init=minor", "targets=urae"], "network_dim": 4})
+    assert "rank 4" in minor and "exact rank-8 LoRA: 4 trained + 4 frozen minor components" in minor
+    plain = _rank_words({"network_args": ["init=plain", "plain_init=gaussian"], "network_dim": 16})
+    assert plain == "plain LoRA rank 16"
