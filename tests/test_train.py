@@ -282,8 +282,19 @@ def test_files_record_the_settings_to_generate_with():
 
 
 def _fails_fast(argv, capsys, match: str):
-    """A user's mistake: exit 2, one line on stderr naming it, found before any model or cache work."""
-    rc = main(argv)
+    """A user's mistake: exit 2, one line on stderr naming it, found before any model or cache work (the
+    caches and model stages are replaced by ones that fail the test if reached)."""
+    import urae.trainer as trainer
+
+    def reached(*a, **k):
+        raise AssertionError("the mistake was not found before the caches / model stage")
+
+    saved = trainer.cache_stage, trainer.load_for_training
+    trainer.cache_stage = trainer.load_for_training = reached
+    try:
+        rc = main(argv)
+    finally:
+        trainer.cache_stage, trainer.load_for_training = saved
     err = capsys.readouterr()
     assert rc == 2, err
     lines = [x for x in err.err.splitlines() if x.strip()]
@@ -305,7 +316,23 @@ def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir,
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--resolution", "1000"), capsys, "multiple")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--optimizer_args", "weight_decayy=0.1"), capsys,
                 "do not fit optimizer_type")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--network_args", "init=minr"), capsys, "network_args")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--network_args", "init minor"), capsys, "not key=value")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--network_args", "targets=regex:nothing_matches_this"), capsys,
+                "network_args")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--network_args", "train_t5xxl=true"), capsys,
+                "train_t5xxl is not supported")
     assert not out.exists()
+
+
+def test_a_resume_that_cannot_continue_is_refused_before_any_model_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "2", "--save_every_n_steps", "2")) == 0
+    capsys.readouterr()
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "1", "--resume", "auto"), capsys,
+                "past max_train_steps = 1")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4", "--resume", "auto", "--network_dim", "8"),
+                capsys, "network_dim = 4")
 
 
 def test_an_internal_bug_keeps_its_traceback(tiny_flux_dir, data_dir, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ what it chose. The line it prints says what was chosen and the expected peak.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from urae.config import ConfigError
 
 MEMORY_KEYS = ("blocks_to_swap", "fp8_base", "offload_activations")
 FLUX_BLOCKS = (19, 38)  # FLUX.1-dev/schnell: double-stream, single-stream
+
+log = logging.getLogger("urae")
 
 
 @dataclass
@@ -65,22 +68,29 @@ def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: b
     explicit = {k: cfg[k] for k in MEMORY_KEYS if cfg[k] is not None}
     w, h = parse_resolution(cfg["resolution"])
     batch = cfg["train_batch_size"]
-    if cfg["memory"] == "auto" and device.type == "cuda" and not fsdp:
+    auto = cfg["memory"] == "auto" and device.type == "cuda" and not fsdp and cfg["gradient_checkpointing"]
+    if auto:
         total = torch.cuda.get_device_properties(device).total_memory
         host = host_budget_bytes(cfg["host_memory_budget"])
         try:  # the keys the user set stay as set; auto chooses the others
             options, _ = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
-                                       gradient_checkpointing=cfg["gradient_checkpointing"],
                                        host_budget_bytes=host, fixed=explicit)
         except MemoryConfigError as e:
-            raise ConfigError(f"{e}; set blocks_to_swap / fp8_base / offload_activations yourself, or raise "
-                              f"host_memory_budget") from None
+            unset = [k for k in MEMORY_KEYS if k not in explicit]
+            hint = f"; set {' / '.join(unset)} yourself" if unset else ""
+            raise ConfigError(f"{e}{hint}, or raise host_memory_budget") from None
         how = (f"memory = auto for {total / 2**30:.0f} GiB at {w}x{h}, pinned host memory "
                f"{host_bytes(options, w, h, batch) / 2**30:.1f} of {host / 2**30:.0f} GiB")
+        if options.fp8_base and "fp8_base" not in explicit:
+            log.warning("WARNING: memory = auto found no lossless configuration that fits and chose fp8_base: the "
+                        "base weights are rounded to float8, which can drown the minor components the 4K recipe "
+                        "trains (README, 'Fit your GPU'); more host RAM (host_memory_budget) or a bigger GPU avoids it")
     else:
         options = dataclasses.replace(MemoryOptions(), **explicit)
         how = ("no GPU: nothing to fit" if device.type != "cuda" else
-               f"FSDP over {world} GPUs" if fsdp and cfg["memory"] == "auto" else "memory = off")
+               f"FSDP over {world} GPUs" if fsdp and cfg["memory"] == "auto" else
+               "memory = auto needs gradient checkpointing: everything resident" if cfg["memory"] == "auto" else
+               "memory = off")
     if explicit:
         how += ", " + ", ".join(f"{k} = {v}" for k, v in explicit.items()) + " given"
     if fsdp and (options.blocks_to_swap or options.fp8_base):

@@ -131,6 +131,50 @@ def _check_output(cfg: dict) -> tuple[Path, Path | None]:
     return out_dir, resume_path
 
 
+def _check_network(cfg: dict) -> None:
+    """Build the network module on the tiny FLUX.1 of the same architecture (same module names): a misspelt
+    init, a target pattern that matches nothing or a bad value fails now, not after the model has loaded."""
+    import importlib
+
+    from urae.tiny import build_transformer
+    from urae.train_options import network_kwargs
+
+    try:
+        module = importlib.import_module(cfg["network_module"])
+    except ImportError as e:
+        raise ConfigError(f"network_module: cannot import {cfg['network_module']}: {e}") from None
+    kwargs = network_kwargs(cfg)
+    if str(kwargs.get("train_t5xxl", "false")).lower() in ("true", "1", "yes", "on"):
+        raise ConfigError("network_args: train_t5xxl is not supported here: training reads cached T5 embeddings, "
+                          "so a T5 LoRA would never see a gradient")
+    kwargs.pop("base_lora", None)  # checked as a file above; fusing it needs the real weights
+    kwargs["verbose"] = "False"
+    try:
+        module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], build_transformer(), **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"network_args {cfg['network_args']}: {e}") from None
+
+
+def _check_resume(cfg: dict, resume_path: Path | None) -> None:
+    """A state from another network or past the end of this run is refused before anything loads."""
+    import json
+
+    from urae.io import read_safetensors_header
+
+    if resume_path is None:
+        return
+    step = json.loads((resume_path / "train_state.json").read_text())["step"]
+    if step > cfg["max_train_steps"]:
+        raise ConfigError(f"resume: {resume_path} is at step {step}, past max_train_steps = {cfg['max_train_steps']}; "
+                          f"raise max_train_steps to continue it")
+    _, meta = read_safetensors_header(resume_path / "adapter.safetensors")
+    saved = json.loads(meta.get("urae_recipe", "{}"))
+    for key in ("network_dim", "network_alpha", "network_args"):
+        if key in saved and saved[key] != cfg[key]:
+            raise ConfigError(f"resume: {resume_path} was trained with {key} = {saved[key]!r}, this run has "
+                              f"{cfg[key]!r}; resume with the same network settings or start a new output_dir")
+
+
 def check_free_space(out_dir: Path, state_bytes: int) -> None:
     """A run that cannot save even one state and its adapter is refused now, not at its first save."""
     free = shutil.disk_usage(_existing_parent(out_dir)).free
@@ -147,7 +191,9 @@ def make_plan(cfg: dict, is_main: bool = True) -> RunPlan:
     from urae.optim import check_optimizer
 
     out_dir, resume_path = _check_output(cfg)
+    _check_resume(cfg, resume_path)
     check_optimizer(cfg["optimizer_type"], cfg["learning_rate"], cfg["optimizer_args"])
+    _check_network(cfg)
     options, found = _check_data(cfg, is_main)
     if cfg["base_lora"]:
         check_adapter_file(cfg["base_lora"])

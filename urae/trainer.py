@@ -292,11 +292,17 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
     settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
     module = importlib.import_module(cfg["network_module"])
     kwargs = network_kwargs(cfg)
+    known = getattr(module, "KNOWN_ARGS", None)  # the plan stage already warned about the others
+    kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
-    network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer, **kwargs)
-    network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
-    if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
-        load_adapter_state(plan.resume_path, network)
+    try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
+        network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
+                                        **kwargs)
+        network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
+        if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
+            load_adapter_state(plan.resume_path, network)
+    except ValueError as e:
+        raise ConfigError(f"network: {e}") from None
     network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
     if fsdp:
