@@ -13,3 +13,20 @@ def test_the_plan_explains_the_exported_rank():
     assert "rank 4" in minor and "exact rank-8 LoRA: 4 trained + 4 frozen minor components" in minor
     plain = _rank_words({"network_args": ["init=plain", "plain_init=gaussian"], "network_dim": 16})
     assert plain == "plain LoRA rank 16"
+
+
+def test_batches_are_checked_against_the_buckets_and_processes(tmp_path, caplog):
+    import pytest
+
+    from urae.config import ConfigError
+    from urae.data import DataOptions
+    from urae.data.datasets import scan
+    from urae.demo import write_demo_dataset
+    from urae.train_plan import _check_batches
+
+    found = scan(DataOptions(train_data_dir=str(write_demo_dataset(tmp_path / "d", n=8)), resolution=256), log=False)
+    _check_batches({"train_batch_size": 1}, found, world=8)  # 8 images in 4 buckets of 2: 8 batches
+    with pytest.raises(ConfigError, match="4 batch\\(es\\) of 2 per epoch for 8 processes"):
+        _check_batches({"train_batch_size": 2}, found, world=8)
+    _check_batches({"train_batch_size": 4}, found, world=1)
+    assert "largest bucket holds 2 image(s)" in caplog.text

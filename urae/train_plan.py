@@ -175,6 +175,27 @@ def _check_resume(cfg: dict, resume_path: Path | None) -> None:
                               f"{cfg[key]!r}; resume with the same network settings or start a new output_dir")
 
 
+def _check_batches(cfg: dict, found, world: int) -> None:
+    """Batches never mix buckets (a short one is topped up from its own bucket): each process needs a batch
+    every step, and a batch larger than every bucket only repeats images."""
+    import logging
+    import math
+    from collections import Counter
+
+    counts = Counter()
+    for item in found.items:
+        counts[item.bucket] += item.subset.num_repeats
+    batch = cfg["train_batch_size"]
+    per_epoch = sum(math.ceil(n / batch) for n in counts.values())
+    if per_epoch < world:
+        raise ConfigError(f"{per_epoch} batch(es) of {batch} per epoch for {world} processes: each process needs one "
+                          f"per step; add images, lower train_batch_size or use fewer processes")
+    if batch > max(counts.values()):
+        logging.getLogger("urae").warning(
+            f"WARNING: train_batch_size = {batch}, but the largest bucket holds {max(counts.values())} image(s) and "
+            f"batches never mix buckets, so each batch repeats images")
+
+
 def check_free_space(out_dir: Path, state_bytes: int) -> None:
     """A run that cannot save even one state and its adapter is refused now, not at its first save."""
     free = shutil.disk_usage(_existing_parent(out_dir)).free
@@ -185,7 +206,7 @@ def check_free_space(out_dir: Path, state_bytes: int) -> None:
                           f"--output_dir")
 
 
-def make_plan(cfg: dict, is_main: bool = True) -> RunPlan:
+def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     """Check everything that needs no model, in the order a user would fix it."""
     from urae.adapters import check_adapter_file
     from urae.optim import check_optimizer
@@ -195,6 +216,7 @@ def make_plan(cfg: dict, is_main: bool = True) -> RunPlan:
     check_optimizer(cfg["optimizer_type"], cfg["learning_rate"], cfg["optimizer_args"])
     _check_network(cfg)
     options, found = _check_data(cfg, is_main)
+    _check_batches(cfg, found, world)
     if cfg["base_lora"]:
         check_adapter_file(cfg["base_lora"])
     location = _check_model(cfg)

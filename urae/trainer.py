@@ -195,7 +195,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         ensure_demo_assets(cfg["pretrained_model_name_or_path"], cfg["train_data_dir"])
     accelerator.wait_for_everyone()
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
-    plan = make_plan(cfg, is_main=main)
+    plan = make_plan(cfg, is_main=main, world=accelerator.num_processes)
     plan.memory = resolve_memory(cfg, accelerator.device, plan.model_location, fsdp_requested(accelerator),
                                  accelerator.num_processes)
     accelerator.wait_for_everyone()
