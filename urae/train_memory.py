@@ -40,15 +40,11 @@ class MemoryChoice:
         return f"memory: {self.options.describe()} ({self.how}{peak})"
 
 
-def block_counts(model_location: str) -> tuple[int, int]:
-    """(double, single) blocks from the transformer config, without loading weights."""
-    from diffusers import FluxTransformer2DModel
-
-    try:
-        c = FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True)
-        return int(c["num_layers"]), int(c["num_single_layers"])
-    except Exception:  # a hub id whose config is not cached yet (no download here): the real FLUX.1 layout
+def block_counts(model_config: dict | None) -> tuple[int, int]:
+    """(double, single) blocks from the transformer config; FLUX.1's layout while it is not on disk."""
+    if model_config is None:
         return FLUX_BLOCKS
+    return int(model_config["num_layers"]), int(model_config["num_single_layers"])
 
 
 def host_budget_bytes(gib: float | None) -> int:
@@ -60,7 +56,8 @@ def host_budget_bytes(gib: float | None) -> int:
     return int(0.7 * total / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: bool, world: int) -> MemoryChoice:
+def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, fsdp: bool,
+                   world: int) -> MemoryChoice:
     from urae.data.options import parse_resolution
     from urae.memory import MemoryConfigError, MemoryOptions, check_memory_options, choose_memory, estimate_peak_bytes
     from urae.memory.estimate import host_bytes
@@ -97,7 +94,7 @@ def resolve_memory(cfg: dict, device: torch.device, model_location: str, fsdp: b
         raise ConfigError("blocks_to_swap and fp8_base are for one GPU; under FSDP the base is already split across "
                           "the GPUs (offload_activations still helps at 4096²)")
     try:
-        check_memory_options(options, block_counts(model_location), device, cfg["gradient_checkpointing"])
+        check_memory_options(options, block_counts(model_config), device, cfg["gradient_checkpointing"])
     except MemoryConfigError as e:
         raise ConfigError(str(e)) from None
     peak = None if fsdp or device.type != "cuda" or not cfg["gradient_checkpointing"] else estimate_peak_bytes(

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from urae.common import parse_bool
 from urae.config import ConfigError
 from urae.train_options import DATA_KEYS
 
@@ -17,7 +18,6 @@ from urae.train_options import DATA_KEYS
 # optimizer's fp32 moments (Prodigy keeps ~4 tensors per parameter, AdamW 2).
 _ADAPTER_BYTES_PER_PARAM = 8
 _OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4}
-URAE_TARGETS = 190  # FLUX.1's URAE target Linears, all 3072 x 3072
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RunPlan:
     data: object  # urae.data.DataOptions
     scan: object  # urae.data.datasets.ScanResult
     model_location: str
+    model_config: dict | None  # the transformer's config.json, None while a hub id is not downloaded
     state_bytes: int  # one saved state (adapter + optimizer), estimated
     memory: object = None  # urae.train_memory.MemoryChoice, set once the device is known
 
@@ -67,17 +68,28 @@ def _rank_words(cfg: dict) -> str:
     return f"{init} LoRA rank {r}"
 
 
-def _state_bytes(cfg: dict, model_location: str) -> int:
-    """URAE's targets (q, k, v, out of the 19 double blocks; q, k, v of the 38 single ones) at the model's width,
-    read from its config when it is on disk (FLUX.1's otherwise), r x (in + out) each."""
+def transformer_config(model_location: str) -> dict | None:
+    """The transformer's config.json when it is on disk (a folder, or a hub id already downloaded); None for a
+    hub id not downloaded yet: nothing is fetched in the plan stage."""
     from diffusers import FluxTransformer2DModel
 
     try:
-        c = FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True)
+        return dict(FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True))
+    except Exception:  # OSError for a missing file, assorted errors for a broken one
+        return None
+
+
+def _state_bytes(cfg: dict, model_config: dict | None) -> int:
+    """URAE's targets (q, k, v, out of the double blocks; q, k, v of the single ones) at the model's width
+    (FLUX.1's when its config is not on disk yet), r x (in + out) each."""
+    from urae.memory.estimate import HIDDEN, URAE_TARGETS
+
+    c = model_config
+    if c is None:
+        width, targets = HIDDEN, URAE_TARGETS
+    else:
         width, targets = c["num_attention_heads"] * c["attention_head_dim"], 4 * c["num_layers"] + 3 * c[
             "num_single_layers"]
-    except Exception:  # a hub id not downloaded yet
-        width, targets = 3072, URAE_TARGETS
     params = cfg["network_dim"] * targets * 2 * width
     return params * (_ADAPTER_BYTES_PER_PARAM + _OPTIMIZER_BYTES_PER_PARAM.get(cfg["optimizer_type"], 16))
 
@@ -144,15 +156,16 @@ def _check_network(cfg: dict) -> None:
     except ImportError as e:
         raise ConfigError(f"network_module: cannot import {cfg['network_module']}: {e}") from None
     kwargs = network_kwargs(cfg)
-    if str(kwargs.get("train_t5xxl", "false")).lower() in ("true", "1", "yes", "on"):
-        raise ConfigError("network_args: train_t5xxl is not supported here: training reads cached T5 embeddings, "
-                          "so a T5 LoRA would never see a gradient")
     kwargs.pop("base_lora", None)  # checked as a file above; fusing it needs the real weights
     kwargs["verbose"] = "False"
     try:
         module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], build_transformer(), **kwargs)
+        train_t5 = parse_bool(kwargs.get("train_t5xxl", False))
     except ValueError as e:
         raise ConfigError(f"network_args {cfg['network_args']}: {e}") from None
+    if train_t5:
+        raise ConfigError("network_args: train_t5xxl is not supported here: training reads cached T5 embeddings, "
+                          "so a T5 LoRA would never see a gradient")
 
 
 def _check_resume(cfg: dict, resume_path: Path | None) -> None:
@@ -220,6 +233,7 @@ def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     if cfg["base_lora"]:
         check_adapter_file(cfg["base_lora"])
     location = _check_model(cfg)
-    state_bytes = _state_bytes(cfg, location)
+    model_config = transformer_config(location)
+    state_bytes = _state_bytes(cfg, model_config)
     check_free_space(out_dir, state_bytes)
-    return RunPlan(out_dir, resume_path, options, found, location, state_bytes)
+    return RunPlan(out_dir, resume_path, options, found, location, model_config, state_bytes)

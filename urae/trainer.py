@@ -196,7 +196,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
     accelerator.wait_for_everyone()
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
     plan = make_plan(cfg, is_main=main, world=accelerator.num_processes)
-    plan.memory = resolve_memory(cfg, accelerator.device, plan.model_location, fsdp_requested(accelerator),
+    plan.memory = resolve_memory(cfg, accelerator.device, plan.model_config, fsdp_requested(accelerator),
                                  accelerator.num_processes)
     accelerator.wait_for_everyone()
     if main:
@@ -230,12 +230,12 @@ def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
     negatives = [r.get("negative_prompt") or "" for r in prompts if r.get("cfg_scale", 1.0) > 1]
     texts = [r["prompt"] for r in prompts] + negatives
     status = cache_status(plan.data, plan.model_location, dtype=weight_dtype, t5_max_length=cfg["t5_max_length"],
-                          prompts=texts, accelerator=accelerator, log=main)
+                          prompts=texts, accelerator=accelerator, log=main, found=plan.scan)
     parts = load_text_encoders(plan.model_location, weight_dtype, device) if status.needs_text_encoders else {}
     if status.needs_vae:
         parts["vae"] = load_vae(plan.model_location, weight_dtype, device)
     caches = build_caches(plan.data, parts, accelerator, status=status, prompts=texts)
-    if accelerator.is_main_process and caches.skipped:
+    if main and caches.skipped:
         print(f"skipped {len(caches.skipped)} image(s): "
               + "; ".join(f"{p.name} ({why})" for p, why in caches.skipped[:5]))
     embeds = cache_prompts(texts, caches, parts if status.needs_text_encoders else None)

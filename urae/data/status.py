@@ -104,7 +104,7 @@ def t5_length_of(folder: Path | None) -> int:
 
 def cache_status(options: DataOptions | dict, model_location: str | None, *, dtype: torch.dtype,
                  t5_max_length: int | None = None, cache_dtype: torch.dtype | None = None, prompts=(),
-                 accelerator=None, log: bool = True) -> CacheStatus:
+                 accelerator=None, log: bool = True, found: ScanResult | None = None) -> CacheStatus:
     """Scan the dataset and tell, per kind, whether every cache file is present and valid. Loads no model.
 
     model_location: the FLUX.1 folder or hub id the models would load from (a hub id counts only when
@@ -112,12 +112,13 @@ def cache_status(options: DataOptions | dict, model_location: str | None, *, dty
     loaded in. cache_dtype: build_caches' `dtype` (storage; None = the models' dtype). prompts: sample
     prompts whose embeddings count as part of the text cache. accelerator: as for build_caches; the
     ranks agree (a kind is complete only if it is on every rank), so they all load the same models.
-    log: print the bucket table, scan warnings and the status (main rank only).
+    log: print the bucket table, scan warnings and the status (main rank only). found: a scan of these
+    options already made (the trainer's plan stage), reused instead of reading every image header again.
     """
     options = options if isinstance(options, DataOptions) else DataOptions.from_dict(options)
     ranks = ranks_of(accelerator)
     log = log and ranks.is_main
-    result = scan(options, log=log)
+    result = found if found is not None else scan(options, log=log)
     if log:
         print_scan(result)
     folder = memo.local_model_folder(model_location)
