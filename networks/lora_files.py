@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from networks.minor_lora import bfl_equivalents, bfl_row_sizes, detect_layout
+from networks.minor_lora import bfl_equivalents, detect_layout, slice_places
 from urae.common import DTYPES
 from urae.common import did_you_mean as _did_you_mean
 from urae.flux_keys import BFL_PREFIXES, linear_pairs
@@ -348,13 +348,8 @@ class Checkpoint:
         if FINAL_BFL in shapes:  # read back with its halves swapped, see diffusers_weight
             res[FINAL_DIFFUSERS] = (FINAL_BFL, 0, shapes[FINAL_BFL][0])
         for m, (out, inn) in shapes.items():
-            eq = bfl_equivalents(m)
-            if not eq:
-                continue
-            pos = 0
-            for d, size in zip(eq, bfl_row_sizes(m, out, inn)):
-                res[d] = (m, pos, pos + size)
-                pos += size
+            if bfl_equivalents(m):
+                res.update({sl.equiv: (m, sl.start, sl.stop) for sl in slice_places(m, out, inn, "bfl")})
         return res
 
     def diffusers_linear_shapes(self) -> dict[str, tuple[int, int]]:

@@ -491,13 +491,10 @@ class _TargetMap:
             self._add(name, [FilePart(name, 0, out, 0, out)], PREFIX_UNET, PEFT_UNET)
         if self.layout == "bfl":
             for name, (out, inn) in shapes.items():
-                eq = bfl_equivalents(name)
-                if not eq:
-                    continue
-                offset = 0
-                for d, size in zip(eq, bfl_row_sizes(name, out, inn)):
-                    self._add(d, [FilePart(name, offset, offset + size, 0, size)], PREFIX_UNET, PEFT_UNET)
-                    offset += size
+                if bfl_equivalents(name):
+                    for sl in slice_places(name, out, inn, "bfl"):
+                        self._add(sl.equiv, [FilePart(name, sl.start, sl.stop, 0, sl.stop - sl.start)], PREFIX_UNET,
+                                  PEFT_UNET)
         else:
             blocks = {(m.group(1), m.group(2)) for n in shapes if (m := _BFL_RE.match(_to_bfl_block(n) or ""))}
             for kind, idx in sorted(blocks):
