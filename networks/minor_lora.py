@@ -92,7 +92,7 @@ INITS = ("minor", "major", "plain")
 PLAIN_INITS = ("kaiming", "gaussian")
 
 # This file must work copied alone into sd-scripts, so it keeps its own dtype-name table, boolean parser and
-# count formatter (urae.train_plan.human_count) instead of importing the project's: the one accepted duplicate
+# count formatter (urae.common.human_count) instead of importing the project's: the one accepted duplicate
 # of each.
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

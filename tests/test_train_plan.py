@@ -1,6 +1,7 @@
 """urae.train_plan: readable counts and sizes, and the plan line's rank wording (minor/major files are 2r)."""
 
-from urae.train_plan import _rank_words, human_bytes, human_count
+from urae.common import human_bytes, human_count
+from urae.train_plan import _rank_words
 
 
 def test_counts_and_sizes_read_well():

@@ -1,5 +1,6 @@
 """Small facts and parsers the whole package shares, each written once: dtype names, true/false words,
-"did you mean" hints, the dev/schnell test and a free local port for multi-process runs."""
+"did you mean" hints, the dev/schnell test, a free local port for multi-process runs, and readable counts
+and byte sizes."""
 
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def human_count(n: float) -> str:
+    """7168 -> '7.17 K', 18_700_000 -> '18.7 M': parameter counts people can read."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

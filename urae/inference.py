@@ -173,13 +173,13 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
 
 def memory_plan(cfg, requests) -> str:
     """The plan's memory line: the expected peak of a denoising step at the largest size."""
+    from urae.common import human_bytes
     from urae.memory.generation import denoise_peak_bytes, forward_work_bytes, transformer_bytes
 
     big = max(requests, key=lambda r: r.width * r.height)
-    gib = 2**30
-    return (f"memory: {'fp8' if cfg['fp8'] else 'bf16'} transformer {transformer_bytes(cfg['fp8']) / gib:.1f} GiB + "
-            f"{forward_work_bytes(big.width, big.height) / gib:.1f} GiB activations at {big.width}x{big.height}: "
-            f"expected peak while denoising {denoise_peak_bytes(big.width, big.height, cfg['fp8']) / gib:.1f} GiB "
+    return (f"memory: {'fp8' if cfg['fp8'] else 'bf16'} transformer {human_bytes(transformer_bytes(cfg['fp8']))} + "
+            f"{human_bytes(forward_work_bytes(big.width, big.height))} activations at {big.width}x{big.height}: "
+            f"expected peak while denoising {human_bytes(denoise_peak_bytes(big.width, big.height, cfg['fp8']))} "
             f"(FLUX.1-dev; text encoders offloaded, plus the CUDA context)")
 
 
@@ -227,7 +227,7 @@ def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
     from urae.adapters import attach_adapters, check_adapter_file, resolve_lora_file, runtime_from_metadata
-    from urae.loading import load_pipeline, resolve_model_location
+    from urae.loading import default_device, load_pipeline, resolve_model_location
     from urae.outputs import append_jsonl, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
 
@@ -247,7 +247,7 @@ def run(cfg: dict) -> list[Path]:
     if cfg["fp8"]:
         from urae.memory.options import float8_problem
 
-        why = float8_problem(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+        why = float8_problem(cfg["device"] or default_device())
         if why:
             raise ConfigError(f"--fp8: this device cannot store float8 weights ({why}); leave --fp8 off")
     for line in [*plan, memory_plan(cfg, requests)]:

@@ -34,7 +34,7 @@ class MemoryChoice:
         return bool(o.blocks_to_swap or o.fp8_base or o.offload_activations)
 
     def summary(self) -> str:
-        from urae.train_plan import human_bytes
+        from urae.common import human_bytes
 
         peak = f", expected peak {human_bytes(self.expected_peak)}" if self.expected_peak else ""
         return f"memory: {self.options.describe()} ({self.how}{peak})"

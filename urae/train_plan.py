@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from urae.common import parse_bool
+from urae.common import human_bytes, parse_bool
 from urae.config import ConfigError
 from urae.train_options import DATA_KEYS
 
@@ -41,21 +41,6 @@ class RunPlan:
                 f"{cfg['resolution']}, {_rank_words(cfg)}, {cfg['optimizer_type']} lr {cfg['learning_rate']}; "
                 f"outputs to {self.out_dir} (a state is about {human_bytes(self.state_bytes)})"
                 + (f"; resuming {self.resume_path}" if self.resume_path else ""))
-
-
-def human_count(n: float) -> str:
-    """7168 -> '7.17 K', 18_700_000 -> '18.7 M': parameter counts people can read."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return str(int(n))
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _rank_words(cfg: dict) -> str:

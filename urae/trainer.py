@@ -42,7 +42,7 @@ from urae.checkpoints import (
     state_dir,
     truncate_log,
 )
-from urae.common import DTYPES, dtype_from_name
+from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
 from urae.config import ConfigError, format_table, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
@@ -50,7 +50,7 @@ from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
 from urae.train_options import OPTIONS, check, network_kwargs
-from urae.train_plan import RunPlan, human_bytes, human_count, make_plan
+from urae.train_plan import RunPlan, make_plan
 from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
 
 log = logging.getLogger("urae")
