@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import importlib
 import json
@@ -127,17 +128,24 @@ def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
     return HighResSettings.for_resolution(w, h)
 
 
+@functools.lru_cache(maxsize=4)
+def _base_lora_record(spec: str) -> dict:
+    """Shared files name their parent by file name and content, never by a local path. Once per run: every
+    state save writes it, and a hub name would otherwise be looked up again each time."""
+    from urae.adapters import resolve_lora_file
+    from urae.data.identity import file_fingerprint
+
+    base = Path(resolve_lora_file(spec))
+    return {"name": base.name, "fingerprint": file_fingerprint(base)}
+
+
 def _adapter_metadata(cfg, step: int) -> dict:
     recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "resolution",
                                   "real_prompt_ratio", "timestep_sampling", "optimizer_type", "learning_rate",
                                   "ntk_factor", "proportional_attention",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
-    if cfg["base_lora"]:  # shared files name their parent by file name and content, never by a local path
-        from urae.adapters import resolve_lora_file
-        from urae.data.identity import file_fingerprint
-
-        base = Path(resolve_lora_file(cfg["base_lora"]))
-        recipe["base_lora"] = {"name": base.name, "fingerprint": file_fingerprint(base)}
+    if cfg["base_lora"]:
+        recipe["base_lora"] = _base_lora_record(cfg["base_lora"])
     return {
         "ss_steps": str(step),
         "ss_max_train_steps": str(cfg["max_train_steps"]),
@@ -380,6 +388,7 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
     pipe = FluxPipeline(scheduler=scheduler, vae=vae.to(device), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     w, h = _parse_size(cfg["sample_resolution"] or cfg["resolution"])
+    used = settings.with_scheduler_shift(scheduler)  # what the images record: the shift actually applied
     was_training = network.training
     network.eval()
     paths = []
@@ -390,7 +399,6 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
             req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
                                 steps=rec.get("steps", cfg["sample_steps"]), guidance=rec.get("guidance"),
                                 cfg_scale=rec.get("cfg_scale", 1.0), negative_prompt=rec.get("negative_prompt"))
-            used = settings.with_scheduler_shift(scheduler)
             neg = rec.get("negative_embeds")
             img = generate(pipe, req, used, prompt_embeds=tuple(t.to(device) for t in rec["embeds"]),
                            negative_embeds=None if neg is None else tuple(t.to(device) for t in neg))
