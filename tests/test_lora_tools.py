@@ -289,6 +289,21 @@ def test_merge_into_diffusers_folder_equals_base_plus_delta_and_merge_to(tmp_pat
         assert torch.allclose(merged[key], w, atol=TOL, rtol=0), key
 
 
+def test_merge_counts_only_weights_that_actually_changed(tmp_path, shapes, tiny_bfl_checkpoint, capsys):
+    names = urae_names(shapes)
+    save_file(peft_lora(shapes, names, rank=2, seed=1), tmp_path / "p.safetensors")
+    rc, stdout, _ = run(merge_lora, [tiny_bfl_checkpoint, tmp_path / "zero.safetensors", "--lora",
+                                     f"{tmp_path / 'p.safetensors'}:0", "--no-progress"], capsys)
+    merged, src = load_file(tmp_path / "zero.safetensors"), load_file(tiny_bfl_checkpoint)
+    assert rc == 0 and all(torch.equal(merged[k], src[k]) for k in src)
+    assert "0 weights changed" in stdout and "came out bit-identical" in stdout, stdout
+    rc, stdout, _ = run(merge_lora, [tiny_bfl_checkpoint, tmp_path / "one.safetensors", "--lora",
+                                     f"{tmp_path / 'p.safetensors'}:1", "--no-progress"], capsys)
+    changed = sum(not torch.equal(v, src[k]) for k, v in load_file(tmp_path / "one.safetensors").items())
+    assert rc == 0 and changed > 0 and f"wrote {tmp_path / 'one.safetensors'}: {changed} weights changed" in stdout
+    assert "bit-identical" not in stdout
+
+
 def test_merge_into_sharded_transformer_folder(tmp_path, base, shapes, capsys):
     from diffusers import FluxTransformer2DModel
 
