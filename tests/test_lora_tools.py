@@ -427,6 +427,13 @@ def test_extract_recovers_a_low_rank_delta_exactly_and_loads_in_diffusers(tmp_pa
     x2, _, errs = extract_lora.extract(tuned, tiny_flux_dir, 3, progress=False, method="exact")
     assert max(e for _, e, _ in errs) < 1e-6
     assert_same_deltas(deltas(x2, shapes), deltas(sd, shapes), tol=1e-5)
+    # A rank above the layers' smaller side is capped there, and the run says so.
+    rc, out, _ = run(extract_lora, [tuned, tiny_flux_dir, tmp_path / "big.safetensors", "--rank", 100,
+                                    "--no-progress"], capsys)
+    side = min(min(shapes[n]) for n in names)
+    assert rc == 0 and f"written at rank {side}, not 100" in out and f"rank-{side} LoRA" in out, out
+    with safe_open(str(tmp_path / "big.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == str(side)
     _, _, fast = extract_lora.extract(tuned, tiny_flux_dir, 1, progress=False)
     _, _, exact = extract_lora.extract(tuned, tiny_flux_dir, 1, progress=False, method="exact")
     assert min(e for _, e, _ in fast) > 0.05
