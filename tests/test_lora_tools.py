@@ -133,7 +133,7 @@ def test_inspect_counts_the_190_urae_layers_of_flux1_and_reads_our_metadata(tmp_
                          runtime='{"ntk_factor": 10, "proportional_attention": true}')
     net.save_weights(tmp_path / "ours.safetensors", torch.float16, {"ss_output_name": "x"})
     info = inspect_lora.describe(tmp_path / "ours.safetensors")
-    assert info["form"] == "ours" and info["urae_layers"] == 14
+    assert info["form"] == "peft" and info["written_by"] == "minor_lora" and info["urae_layers"] == 14
     assert info["ranks"] == {8: 14}  # rank-r minor adapter saved as an exact rank-2r LoRA
     assert info["urae_metadata"]["urae_init"] == "minor" and info["urae_metadata"]["urae_rank"] == "4"
     assert info["urae_metadata"]["urae_runtime"] == {"ntk_factor": 10, "proportional_attention": True}
@@ -184,6 +184,9 @@ def test_minor_lora_file_round_trip_through_kohya_still_resumes(tmp_path, base, 
     for src, dst, form in (("ours", "k", "kohya"), ("k", "back", "peft")):
         assert run(convert_lora, [tmp_path / f"{src}.safetensors", tmp_path / f"{dst}.safetensors", "--to", form],
                    capsys)[0] == 0
+    rc, out, _ = run(inspect_lora, [tmp_path / "k.safetensors"], capsys)
+    assert rc == 0 and out.startswith(f"{tmp_path / 'k.safetensors'}: kohya LoRA (bfl layout, written by minor_lora, "
+                                      f"converted from its diffusers layout)"), out
     net2, _ = create_network_from_weights(1.0, str(tmp_path / "back.safetensors"), None, None, base)
     assert net2.init == "minor"  # the layout matches again, so the recorded structure is used
     assert_same_deltas(net2.delta_weights(), net.delta_weights())
