@@ -484,3 +484,21 @@ def test_training_samples_follow_sd_scripts_flags_and_record_the_shift(tiny_flux
     infos = [read_png_info(out / "samples" / f"0000001_0{i}.png") for i in (0, 1)]
     assert [float(i["cfg_scale"]) for i in infos] == [2.5, 1.0]
     assert all(json.loads(i["runtime"])["shift"] == 3.0 for i in infos)
+
+
+def test_many_images_without_a_caption_stop_in_the_plan_unless_intended(tiny_flux_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    from urae.train_plan import make_plan
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(".urae_cache"))
+    for side in sorted(data.glob("*.txt"))[:2]:  # 2 of 8 images lose their caption, one keeps an empty one
+        side.unlink()
+    (data / "002.txt").write_text("\n")
+    out = tmp_path / "o"
+    _fails_fast(args(tiny_flux_dir, data, out), capsys, "3 of 8 images have no usable caption")
+    _fails_fast(args(tiny_flux_dir, data, out, "--caption_extension", ".json"), capsys,
+                "8 of 8 images have no usable caption (looked for .json side files")
+    plan = make_plan(parse(args(tiny_flux_dir, data, out, "--allow_missing_captions")))
+    assert sum(it.captions == {"prompt": ""} for it in plan.scan.items) == 3
