@@ -44,7 +44,7 @@ from urae.checkpoints import (
     truncate_log,
 )
 from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
-from urae.config import ConfigError, format_table, resolve, to_toml
+from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
 from urae.runtime import HighResSettings, apply_highres
@@ -191,6 +191,16 @@ def _tensorboard(cfg) -> bool:
     return True
 
 
+def config_line(cfg: dict, out_dir: Path) -> str:
+    """One line in place of the whole resolved config: where it came from and where all of it is written."""
+    sources = cfg.get("_sources", {})
+    changed = [k for k, v in sources.items() if v != "default"]
+    origin = " + ".join(x for x in (cfg.get("_config_file"), "command line" if "command line" in sources.values()
+                                    else None) if x) or "defaults"
+    return (f"config: {origin} ({len(changed)} of {len(sources)} keys set); every resolved key is written to "
+            f"{out_dir / RUN_MARKER} when training starts")
+
+
 def plan_stage(cfg, accelerator) -> RunPlan:
     main = accelerator.is_main_process
     if cfg["demo"] and main:
@@ -208,7 +218,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
             log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
                         f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        print("training config:\n" + format_table(cfg), flush=True)
+        print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
         if cfg["overwrite"] and plan.resume_path is None:
