@@ -50,7 +50,7 @@ from urae.io import atomic_path
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
 from urae.train_plan import RunPlan, make_plan
 from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
 
@@ -64,7 +64,8 @@ class TrainingStopped(RuntimeError):
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
-                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"))
+                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"),
+                  foreign=SD_SCRIPTS_FLAGS)
     check(cfg)
     return cfg
 
