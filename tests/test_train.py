@@ -110,6 +110,8 @@ def test_two_processes_ddp_and_fsdp_train_the_same_adapter(tiny_flux_dir, data_d
         r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4",
                                      "--gradient_checkpointing", "true", "--sample_every_n_steps", "4", *memory))
         assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
+        both = r.stdout + r.stderr  # per-process lines come from rank 0 only
+        assert both.count("minor_lora: init=minor") == 1 and both.count("transformer: ") == 1, both[-3000:]
         assert ("FSDP: the frozen base is split over 2 processes" in r.stdout) == (name == "fsdp")
         assert sorted(p.name for p in out.glob("*.safetensors")) == ["urae_demo.safetensors"]
         assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000004_00.png", "0000004_01.png"]

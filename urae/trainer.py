@@ -310,6 +310,8 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
     known = getattr(module, "KNOWN_ARGS", None)  # the plan stage already warned about the others
     kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
+    if not accelerator.is_main_process and (known is None or "verbose" in known):
+        kwargs["verbose"] = "False"  # its summary line and SVD bar once, from rank 0
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
         network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
                                         **kwargs)
@@ -416,9 +418,9 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
     finally:
         network.train(was_training)
         vae.to("cpu")
-    if main and paths:
-        print(f"samples of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
-              f"{out_dir / 'samples'}", flush=True)
+    if main and paths:  # above the training bar, not glued onto it
+        tqdm.write(f"samples of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
+                   f"{out_dir / 'samples'}")
     return paths
 
 
@@ -495,6 +497,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             samples(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
+                bar.close()  # the lines below start on their own line
                 if main:
                     saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
@@ -560,6 +563,8 @@ def train(cfg: dict) -> int:
     """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
+    if not accelerator.is_main_process:  # each info line once, from rank 0; warnings and errors still show
+        logging.getLogger("urae").setLevel(logging.WARNING)
     plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
     caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
