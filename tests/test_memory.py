@@ -196,7 +196,7 @@ def test_auto_picks_the_documented_configuration(gib):
             assert estimate_peak_bytes(MemoryOptions(swap - 1, fp8, offload), size, size) > usable_bytes(gib * GiB)
 
 
-def test_auto_targets_of_the_issue():
+def test_auto_fits_4k_on_24_gib_and_2k_on_16_gib_losslessly():
     options, peak = choose_memory(24 * GiB, 4096, 4096)
     assert peak <= 22 * GiB and not options.fp8_base
     options, peak = choose_memory(16 * GiB, 2048, 2048)
