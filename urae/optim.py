@@ -55,8 +55,10 @@ def make_optimizer(name: str, params, lr: float, args: list[str] | None = None):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, **{"weight_decay": 1e-4, **kwargs})
     if name == "adamw8bit":
+        from urae.optional_imports import import_bitsandbytes
+
         try:
-            import bitsandbytes as bnb
+            bnb = import_bitsandbytes()
         except ImportError as e:
             raise RuntimeError("optimizer_type = adamw8bit needs bitsandbytes (pip install bitsandbytes)") from e
         return bnb.optim.AdamW8bit(params, lr=lr, **{"weight_decay": 1e-4, **kwargs})
