@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from urae.common import free_port
 from urae.config import ConfigError, read_toml
 from urae.demo import write_demo_dataset
 from urae.trainer import main, parse
@@ -78,7 +77,7 @@ def test_loss_decreases_on_a_fixed_batch():
 def _launch(distributed: list[str], out: Path, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *distributed, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), str(ROOT / "flux_urae_train.py"), *extra]
+           "0", str(ROOT / "flux_urae_train.py"), *extra]
     r = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -153,13 +152,15 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_0(tiny_flux_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_128_plus_the_signal(tiny_flux_dir, data_dir, tmp_path, sig,
+                                                                            code):
     out = tmp_path / "int"
     proc = _popen(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "100000"))
     _wait_for(lambda: (out / "train_log.jsonl").is_file() and len((out / "train_log.jsonl").read_text()) > 0, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     text = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, text[-2000:]
+    assert proc.returncode == code, text[-2000:]  # `train && infer` must not go on without a final file
     assert "--resume auto" in text
     states = sorted(out.glob("state-*"))
     assert len(states) == 1 and (states[0] / "train_state.json").is_file()
@@ -484,3 +485,21 @@ def test_training_samples_follow_sd_scripts_flags_and_record_the_shift(tiny_flux
     infos = [read_png_info(out / "samples" / f"0000001_0{i}.png") for i in (0, 1)]
     assert [float(i["cfg_scale"]) for i in infos] == [2.5, 1.0]
     assert all(json.loads(i["runtime"])["shift"] == 3.0 for i in infos)
+
+
+def test_many_images_without_a_caption_stop_in_the_plan_unless_intended(tiny_flux_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    from urae.train_plan import make_plan
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(".urae_cache"))
+    for side in sorted(data.glob("*.txt"))[:2]:  # 2 of 8 images lose their caption, one keeps an empty one
+        side.unlink()
+    (data / "002.txt").write_text("\n")
+    out = tmp_path / "o"
+    _fails_fast(args(tiny_flux_dir, data, out), capsys, "3 of 8 images have no usable caption")
+    _fails_fast(args(tiny_flux_dir, data, out, "--caption_extension", ".json"), capsys,
+                "8 of 8 images have no usable caption (looked for .json side files")
+    plan = make_plan(parse(args(tiny_flux_dir, data, out, "--allow_missing_captions")))
+    assert sum(it.captions == {"prompt": ""} for it in plan.scan.items) == 3

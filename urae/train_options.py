@@ -18,7 +18,10 @@ OPTIONS = [
     # data (urae.data)
     Option("train_data_dir", str, None, "folder of images with .txt/.json captions"),
     Option("dataset_config", str, None, "sd-scripts dataset TOML"),
-    Option("caption_extension", str, ".txt", "caption side-file extension"),
+    Option("caption_extension", str, None, "caption side file: .txt, .json (prompt / generated_prompt keys) or "
+           ".caption; default: whichever of them exists, in that order"),
+    Option("allow_missing_captions", bool, False, "train even when many images have no usable caption (they get "
+           "an empty one); otherwise more than 5% without one is refused"),
     Option("real_prompt_ratio", float, 0.5, "probability of the original prompt over the generated caption"),
     Option("resolution", str, "2048", "base size: long side of URAE buckets (or 'W,H')"),
     Option("bucket_mode", str, "urae", "aspect buckets", choices=("urae", "area")),

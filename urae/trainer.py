@@ -70,7 +70,8 @@ def parse(argv=None) -> dict:
 
 
 class _InterruptFlag:
-    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 0.
+    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 128 + the
+    signal's number (130, 143: the shell's convention, so `train && infer` does not go on without a final file).
 
     Signals within a few seconds of the first count as the same request (under `accelerate launch` each
     worker gets the terminal's SIGINT and then the launcher's forwarded copy); a later one aborts at once.
@@ -80,6 +81,7 @@ class _InterruptFlag:
 
     def __init__(self):
         self.set = False
+        self.signum = signal.SIGINT  # the first signal received (SIGINT when another rank got it)
         self._first = 0.0
         self._old: dict = {}
 
@@ -88,7 +90,7 @@ class _InterruptFlag:
         if self.set and now - self._first > self.GRACE_SECONDS:
             raise KeyboardInterrupt
         if not self.set:
-            self.set, self._first = True, now
+            self.set, self._first, self.signum = True, now, signum
             print(f"\n{signal.Signals(signum).name}: saving a state at the end of this step "
                   f"(signal again after {self.GRACE_SECONDS:.0f} s to abort)", flush=True)
 
@@ -490,8 +492,8 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                 if main:
                     saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
-                          f"plus --resume auto")
-                return 0
+                          f"plus --resume auto", flush=True)
+                return 128 + int(interrupt.signum)
             t0 = time.perf_counter()
             network.on_step_start(None, model.transformer)
             loss = train_step(cfg, model, stream, step, accelerator)
@@ -549,7 +551,7 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
     plan = plan_stage(cfg, accelerator)
