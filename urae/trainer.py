@@ -52,7 +52,16 @@ from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
 from urae.train_options import OPTIONS, check, network_kwargs
 from urae.train_plan import RunPlan, make_plan
-from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
+from urae.train_sync import (
+    BatchStream,
+    all_reduce_mean,
+    any_rank,
+    broadcast_from_main,
+    check_ranks_agree,
+    init_rng,
+    mean_over_ranks,
+    seed_for,
+)
 
 log = logging.getLogger("urae")
 
@@ -306,15 +315,18 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
     kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
-        network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
-                                        **kwargs)
+        with init_rng(cfg["seed"]):
+            network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
+                                            **kwargs)
         network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
         if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
             load_adapter_state(plan.resume_path, network)
     except ValueError as e:
         raise ConfigError(f"network: {e}") from None
-    network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
+    with init_rng(cfg["seed"]):
+        network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
+    broadcast_from_main(network, accelerator.num_processes)
     if fsdp:
         shard_base(transformer, device)
         if accelerator.is_main_process:
@@ -343,10 +355,16 @@ def _optimizer(cfg, network):
 class Saver:
     """States and the final file; a save that fails for lack of space stops the run with what to do."""
 
-    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched):
+    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched, accelerator):
         self.cfg, self.plan = cfg, plan
         self.network, self.optimizer, self.lr_sched = network, optimizer, lr_sched
+        self.device, self.world, self.main = (accelerator.device, accelerator.num_processes,
+                                              accelerator.is_main_process)
         self.last_good = plan.resume_path
+
+    def agree(self, when: str) -> None:
+        """Every rank calls it: a diverged adapter stops the run as a bug before anything is written."""
+        check_ranks_agree(self.network, self.device, self.world, when, self.last_good)
 
     def _guard(self, what: str, fn):
         try:
@@ -361,6 +379,13 @@ class Saver:
                 f"with --resume auto") from None
 
     def state(self, step: int) -> None:
+        """Every rank calls it: the ranks' agreement is checked, then rank 0 writes the state."""
+        self.agree(f"at step {step}")
+        if self.main:
+            self.write(step)
+        self.last_good = state_dir(self.plan.out_dir, step)
+
+    def write(self, step: int) -> None:
         cfg = self.cfg
         path = self._guard(f"the state of step {step}", lambda: save_state(
             self.plan.out_dir, step, self.network, self.optimizer, self.lr_sched, {"seed": cfg["seed"]},
@@ -448,7 +473,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                                  accelerator.is_main_process)
     network, trainable, settings = model.network, model.trainable, model.settings
     optimizer, lr_sched = _optimizer(cfg, network)
-    saver = Saver(cfg, plan, network, optimizer, lr_sched)
+    saver = Saver(cfg, plan, network, optimizer, lr_sched, accelerator)
     start = 0
     if plan.resume_path is not None:
         start = int(load_optimizer_state(plan.resume_path, optimizer, lr_sched)["step"])
@@ -489,8 +514,8 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             samples(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
+                saver.state(step)
                 if main:
-                    saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
                           f"plus --resume auto", flush=True)
                 return 128 + int(interrupt.signum)
@@ -522,16 +547,12 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                 if tb:
                     accelerator.log({"loss": loss, "lr": lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
-                if main:
-                    saver.state(done)
-                saver.last_good = state_dir(plan.out_dir, done)
+                saver.state(done)
                 accelerator.wait_for_everyone()
             if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
                 samples(done)
         bar.close()
-        if not ranks_agree(trainable, device, world):
-            raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
-                                  "report it with your accelerate config")
+        saver.agree("after training")
         if main:
             save_stage(cfg, plan, saver, world)
         if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
@@ -546,7 +567,7 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
         print(f"adapter identical on all {world} processes")
     final = saver.final()
     if cfg["save_every_n_steps"]:
-        saver.state(cfg["max_train_steps"])
+        saver.write(cfg["max_train_steps"])  # rank 0 alone: the ranks were checked just before
     print(f"saved {final} ({len(list_states(plan.out_dir))} state(s) kept)")
 
 
