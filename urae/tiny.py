@@ -228,12 +228,15 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, layers: int = 2, single_laye
     return out
 
 
-def write_bfl_checkpoint(transformer, path: str | os.PathLike) -> Path:
-    """Write the transformer as a single-file BFL checkpoint (the layout of flux1-dev.safetensors)."""
+def write_bfl_checkpoint(transformer, path: str | os.PathLike, fp8: bool = False) -> Path:
+    """Write the transformer as a single-file BFL checkpoint (the layout of flux1-dev.safetensors); fp8: its
+    Linear weights stored as float8_e4m3fn, as in flux1-dev-fp8.safetensors."""
     from urae.flux_keys import diffusers_to_bfl
     from urae.io import save_safetensors_atomic
 
     sd = diffusers_to_bfl(transformer.state_dict(), transformer.config.num_layers, transformer.config.num_single_layers)
+    if fp8:
+        sd = {k: v.to(torch.float8_e4m3fn) if k.endswith(".weight") and v.ndim == 2 else v for k, v in sd.items()}
     return save_safetensors_atomic(sd, path)
 
 

@@ -38,6 +38,9 @@ OPTIONS = [
     Option("network_dim", int, 16, "LoRA rank r"),
     Option("network_alpha", float, 16.0, "LoRA alpha (scale = alpha / r)"),
     Option("network_args", list, [], "module options as key=value (init=minor, targets=urae, …)"),
+    Option("allow_quantised_svd", bool, False, "init=minor/major on a transformer file stored in float8/int8: take "
+           "the SVD of the rounded weights anyway (lossy; the plan says by how much). Better: network_args "
+           "svd_weights=<a full-precision file>"),
     Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one); "
            "a path or a hub file owner/repo/file.safetensors"),
     # high-res runtime
