@@ -312,6 +312,12 @@ def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir,
     _fails_fast(args(tiny_flux_dir, empty, out), capsys, "no usable images")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(tmp_path / "2k.safetensors")), capsys,
                 "no such file")
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "flux_width.safetensors"  # a LoRA of FLUX.1's width (3072) for the tiny model (32)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(wide))
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(wide)), capsys, "shape mismatch")
     # offline hub id: the data folder is checked first, then the model
     _fails_fast(args("someone/FLUX-typo", tmp_path / "nowhere", out), capsys, "train_data_dir")
     _fails_fast(args("someone/FLUX-typo", data_dir, out), capsys, "HF_HUB_OFFLINE")

@@ -61,6 +61,9 @@ def parse(argv=None) -> dict:
             raise ConfigError(f"--{k} must be >= 1, got {cfg[k]}")
     if cfg["guidance"] is not None and cfg["guidance"] < 0:
         raise ConfigError(f"--guidance must be >= 0, got {cfg['guidance']}")
+    if not 0 < cfg["strength"] <= 1:  # used by --init_resolution / --init_image, after the model has loaded
+        raise ConfigError(f"--strength must be in (0, 1] (the share of the steps the refine stage runs), "
+                          f"got {cfg['strength']}")
     return cfg
 
 
@@ -226,7 +229,13 @@ def _check_device(name: str | None) -> None:
 def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from urae.adapters import attach_adapters, check_adapter_file, resolve_lora_file, runtime_from_metadata
+    from urae.adapters import (
+        attach_adapters,
+        check_adapter_file,
+        check_adapter_fits,
+        resolve_lora_file,
+        runtime_from_metadata,
+    )
     from urae.loading import default_device, load_pipeline, resolve_model_location
     from urae.outputs import append_jsonl, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
@@ -243,7 +252,13 @@ def run(cfg: dict) -> list[Path]:
     out_dir = Path(cfg["output_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
-    resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    location = resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    if loras:  # a LoRA for another architecture or width, from the config alone
+        from urae.train_plan import transformer_config
+
+        model_config = transformer_config(location)
+        for path in loras:
+            check_adapter_fits(path, model_config)
     if cfg["fp8"]:
         from urae.memory.options import float8_problem
 
