@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from urae.config import ConfigError, Option, format_table, resolve
+from urae.config import ConfigError, Option, check_ranges, format_table, resolve
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -52,15 +52,16 @@ OPTIONS = [
 ]
 
 
+# Numbers checked before anything loads (sizes, --shift, --cfg_scale: where the requests are built).
+RANGES = {**{k: (1, True, None) for k in ("num_images", "steps", "max_sequence_length")},
+          **{k: (0, True, None) for k in ("guidance", "seed")}, "ntk_factor": (0, False, None)}
+
+
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_infer.py", "Generate 2K/4K images with FLUX.1 and URAE adapters.")
     if not cfg["model"]:
         raise ConfigError("give --model (a FLUX.1 folder or hub id, e.g. black-forest-labs/FLUX.1-dev)")
-    for k in ("num_images", "steps", "max_sequence_length"):
-        if cfg[k] is not None and cfg[k] < 1:
-            raise ConfigError(f"--{k} must be >= 1, got {cfg[k]}")
-    if cfg["guidance"] is not None and cfg["guidance"] < 0:
-        raise ConfigError(f"--guidance must be >= 0, got {cfg['guidance']}")
+    check_ranges(cfg, RANGES, prefix="--")
     if not 0 < cfg["strength"] <= 1:  # used by --init_resolution / --init_image, after the model has loaded
         raise ConfigError(f"--strength must be in (0, 1] (the share of the steps the refine stage runs), "
                           f"got {cfg['strength']}")
