@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from urae.config import ConfigError, Option, format_table, resolve
+from urae.config import ConfigError, Option, check_ranges, format_table, resolve
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -52,15 +52,19 @@ OPTIONS = [
 ]
 
 
+# Numbers checked before anything loads (sizes, --shift, --cfg_scale: where the requests are built).
+RANGES = {**{k: (1, True, None) for k in ("num_images", "steps", "max_sequence_length")},
+          **{k: (0, True, None) for k in ("guidance", "seed")}, "ntk_factor": (0, False, None)}
+
+
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_infer.py", "Generate 2K/4K images with FLUX.1 and URAE adapters.")
     if not cfg["model"]:
         raise ConfigError("give --model (a FLUX.1 folder or hub id, e.g. black-forest-labs/FLUX.1-dev)")
-    for k in ("num_images", "steps", "max_sequence_length"):
-        if cfg[k] is not None and cfg[k] < 1:
-            raise ConfigError(f"--{k} must be >= 1, got {cfg[k]}")
-    if cfg["guidance"] is not None and cfg["guidance"] < 0:
-        raise ConfigError(f"--guidance must be >= 0, got {cfg['guidance']}")
+    check_ranges(cfg, RANGES, prefix="--")
+    if not 0 < cfg["strength"] <= 1:  # used by --init_resolution / --init_image, after the model has loaded
+        raise ConfigError(f"--strength must be in (0, 1] (the share of the steps the refine stage runs), "
+                          f"got {cfg['strength']}")
     return cfg
 
 
@@ -226,7 +230,13 @@ def _check_device(name: str | None) -> None:
 def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from urae.adapters import attach_adapters, check_adapter_file, resolve_lora_file, runtime_from_metadata
+    from urae.adapters import (
+        attach_adapters,
+        check_adapter_file,
+        check_adapter_fits,
+        resolve_lora_file,
+        runtime_from_metadata,
+    )
     from urae.loading import default_device, load_pipeline, resolve_model_location
     from urae.outputs import append_jsonl, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
@@ -243,7 +253,13 @@ def run(cfg: dict) -> list[Path]:
     out_dir = Path(cfg["output_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
-    resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    location = resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    if loras:  # a LoRA for another architecture or width, from the config alone
+        from urae.train_plan import transformer_config
+
+        model_config = transformer_config(location)
+        for path in loras:
+            check_adapter_fits(path, model_config)
     if cfg["fp8"]:
         from urae.memory.options import float8_problem
 
