@@ -311,6 +311,12 @@ def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir,
     _fails_fast(args(tiny_flux_dir, empty, out), capsys, "no usable images")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(tmp_path / "2k.safetensors")), capsys,
                 "no such file")
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "flux_width.safetensors"  # a LoRA of FLUX.1's width (3072) for the tiny model (32)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(wide))
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(wide)), capsys, "shape mismatch")
     # offline hub id: the data folder is checked first, then the model
     _fails_fast(args("someone/FLUX-typo", tmp_path / "nowhere", out), capsys, "train_data_dir")
     _fails_fast(args("someone/FLUX-typo", data_dir, out), capsys, "HF_HUB_OFFLINE")
@@ -503,3 +509,24 @@ def test_many_images_without_a_caption_stop_in_the_plan_unless_intended(tiny_flu
                 "8 of 8 images have no usable caption (looked for .json side files")
     plan = make_plan(parse(args(tiny_flux_dir, data, out, "--allow_missing_captions")))
     assert sum(it.captions == {"prompt": ""} for it in plan.scan.items) == 3
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    (["--learning_rate", "-1"], "learning_rate must be > 0, got -1.0"),
+    (["--learning_rate", "nan"], "learning_rate must be > 0, got nan"),
+    (["--max_train_steps", "0"], "max_train_steps must be >= 1, got 0"),
+    (["--discrete_flow_shift", "0"], "discrete_flow_shift must be > 0, got 0.0"),
+    (["--real_prompt_ratio", "1.5"], "real_prompt_ratio must be in [0, 1], got 1.5"),
+    (["--bucket_reso_steps", "0"], "bucket_reso_steps must be >= 16, got 0"),
+    (["--max_grad_norm", "-0.5"], "max_grad_norm must be >= 0, got -0.5"),
+])
+def test_every_number_is_range_checked_before_anything_runs(tiny_flux_dir, data_dir, tmp_path, capsys, flags, want):
+    _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", *flags), capsys, want)
+
+
+def test_a_quoted_number_in_the_toml_is_an_error(tiny_flux_dir, data_dir, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text((ROOT / "presets/demo.toml").read_text().replace("learning_rate = 1e-3", 'learning_rate = "1e-3"'))
+    argv = args(tiny_flux_dir, data_dir, tmp_path / "o")
+    argv[1] = str(toml)
+    _fails_fast(argv, capsys, "learning_rate = '1e-3' is not a valid float (a number is written without quotes")

@@ -283,6 +283,10 @@ def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     location = _check_model(cfg)
     _check_quantised(cfg, location, is_main)
     model_config = transformer_config(location)
+    if cfg["base_lora"]:  # another architecture or width, before the transformer loads
+        from urae.adapters import check_adapter_fits, resolve_lora_file
+
+        check_adapter_fits(resolve_lora_file(cfg["base_lora"]), model_config)
     state_bytes = _state_bytes(cfg, model_config)
     check_free_space(out_dir, state_bytes)
     return RunPlan(out_dir, resume_path, options, found, location, model_config, state_bytes)
