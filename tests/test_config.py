@@ -1,11 +1,10 @@
 """The shared option machinery (urae.config) and the shared parsers (urae.common), tested directly."""
 
-import socket
 
 import pytest
 import torch
 
-from urae.common import DTYPES, did_you_mean, dtype_from_name, free_port, has_guidance_embedding, parse_bool
+from urae.common import DTYPES, did_you_mean, dtype_from_name, has_guidance_embedding, parse_bool
 from urae.config import ConfigError, Option, read_toml, resolve
 
 OPTS = [
@@ -52,13 +51,6 @@ def test_dev_or_schnell_from_a_transformer_config_or_dict():
     assert has_guidance_embedding({"guidance_embeds": True}) and not has_guidance_embedding({})
 
 
-def test_free_port_can_be_bound():
-    port = free_port()
-    assert 0 < port < 65536
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-
-
 def test_precedence_default_then_toml_then_command_line(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('size = 128\nmode = "exact"\nflag = "on"\n[extra]\nratio = 0.5\n')
@@ -74,6 +66,8 @@ def test_precedence_default_then_toml_then_command_line(tmp_path):
     ([], "sise = 1\n", "unknown key 'sise' (did you mean 'size'?)"),
     ([], 'mode = "slow"\n', "choose one of fast, exact"),
     ([], 'size = "big"\n', "size = 'big' is not a valid int"),
+    ([], 'size = "128"\n', "size = '128' is not a valid int (a number is written without quotes in TOML)"),
+    ([], 'ratio = "1e-3"\n', "ratio = '1e-3' is not a valid float (a number is written without quotes"),
     ([], "flag = 3\n", "flag = 3 is not a valid bool"),
     (["--table", "{k = "], None, "not an inline TOML table"),
     ([], "size = = 1\n", "is not valid TOML"),

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from urae.common import free_port
 from urae.config import ConfigError, read_toml
 from urae.demo import write_demo_dataset
 from urae.trainer import main, parse
@@ -78,7 +77,7 @@ def test_loss_decreases_on_a_fixed_batch():
 def _launch(distributed: list[str], out: Path, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *distributed, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), str(ROOT / "flux_urae_train.py"), *extra]
+           "0", str(ROOT / "flux_urae_train.py"), *extra]
     r = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -153,13 +152,15 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_0(tiny_flux_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_128_plus_the_signal(tiny_flux_dir, data_dir, tmp_path, sig,
+                                                                            code):
     out = tmp_path / "int"
     proc = _popen(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "100000"))
     _wait_for(lambda: (out / "train_log.jsonl").is_file() and len((out / "train_log.jsonl").read_text()) > 0, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     text = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, text[-2000:]
+    assert proc.returncode == code, text[-2000:]  # `train && infer` must not go on without a final file
     assert "--resume auto" in text
     states = sorted(out.glob("state-*"))
     assert len(states) == 1 and (states[0] / "train_state.json").is_file()
@@ -310,6 +311,12 @@ def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir,
     _fails_fast(args(tiny_flux_dir, empty, out), capsys, "no usable images")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(tmp_path / "2k.safetensors")), capsys,
                 "no such file")
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "flux_width.safetensors"  # a LoRA of FLUX.1's width (3072) for the tiny model (32)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(wide))
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(wide)), capsys, "shape mismatch")
     # offline hub id: the data folder is checked first, then the model
     _fails_fast(args("someone/FLUX-typo", tmp_path / "nowhere", out), capsys, "train_data_dir")
     _fails_fast(args("someone/FLUX-typo", data_dir, out), capsys, "HF_HUB_OFFLINE")
@@ -484,3 +491,42 @@ def test_training_samples_follow_sd_scripts_flags_and_record_the_shift(tiny_flux
     infos = [read_png_info(out / "samples" / f"0000001_0{i}.png") for i in (0, 1)]
     assert [float(i["cfg_scale"]) for i in infos] == [2.5, 1.0]
     assert all(json.loads(i["runtime"])["shift"] == 3.0 for i in infos)
+
+
+def test_many_images_without_a_caption_stop_in_the_plan_unless_intended(tiny_flux_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    from urae.train_plan import make_plan
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(".urae_cache"))
+    for side in sorted(data.glob("*.txt"))[:2]:  # 2 of 8 images lose their caption, one keeps an empty one
+        side.unlink()
+    (data / "002.txt").write_text("\n")
+    out = tmp_path / "o"
+    _fails_fast(args(tiny_flux_dir, data, out), capsys, "3 of 8 images have no usable caption")
+    _fails_fast(args(tiny_flux_dir, data, out, "--caption_extension", ".json"), capsys,
+                "8 of 8 images have no usable caption (looked for .json side files")
+    plan = make_plan(parse(args(tiny_flux_dir, data, out, "--allow_missing_captions")))
+    assert sum(it.captions == {"prompt": ""} for it in plan.scan.items) == 3
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    (["--learning_rate", "-1"], "learning_rate must be > 0, got -1.0"),
+    (["--learning_rate", "nan"], "learning_rate must be > 0, got nan"),
+    (["--max_train_steps", "0"], "max_train_steps must be >= 1, got 0"),
+    (["--discrete_flow_shift", "0"], "discrete_flow_shift must be > 0, got 0.0"),
+    (["--real_prompt_ratio", "1.5"], "real_prompt_ratio must be in [0, 1], got 1.5"),
+    (["--bucket_reso_steps", "0"], "bucket_reso_steps must be >= 16, got 0"),
+    (["--max_grad_norm", "-0.5"], "max_grad_norm must be >= 0, got -0.5"),
+])
+def test_every_number_is_range_checked_before_anything_runs(tiny_flux_dir, data_dir, tmp_path, capsys, flags, want):
+    _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", *flags), capsys, want)
+
+
+def test_a_quoted_number_in_the_toml_is_an_error(tiny_flux_dir, data_dir, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text((ROOT / "presets/demo.toml").read_text().replace("learning_rate = 1e-3", 'learning_rate = "1e-3"'))
+    argv = args(tiny_flux_dir, data_dir, tmp_path / "o")
+    argv[1] = str(toml)
+    _fails_fast(argv, capsys, "learning_rate = '1e-3' is not a valid float (a number is written without quotes")

@@ -18,6 +18,9 @@ from urae.train_options import DATA_KEYS
 # optimizer's fp32 moments (Prodigy keeps ~4 tensors per parameter, AdamW 2).
 _ADAPTER_BYTES_PER_PARAM = 8
 _OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4}
+# Above this share of images without a usable caption a run is refused unless allow_missing_captions is set:
+# a wrong caption_extension (or a folder of captionless images) would otherwise train on empty prompts.
+MISSING_CAPTION_SHARE = 0.05
 
 
 @dataclass
@@ -173,6 +176,19 @@ def _check_resume(cfg: dict, resume_path: Path | None) -> None:
                               f"{cfg[key]!r}; resume with the same network settings or start a new output_dir")
 
 
+def _check_captions(cfg: dict, found) -> None:
+    missing, total = sum(it.captions == {"prompt": ""} for it in found.items), len(found.items)
+    if cfg["allow_missing_captions"] or missing <= MISSING_CAPTION_SHARE * total:
+        return
+    ext = cfg["caption_extension"]
+    looked = f"{ext} side files" if ext else "a .txt, .json or .caption side file"
+    raise ConfigError(f"{missing} of {total} images have no usable caption (looked for {looked} beside each image"
+                      + (f"; {len(found.bad_captions)} of them empty or unreadable, named above" if found.bad_captions
+                         else "") + "); add the captions"
+                      + (", or unset caption_extension to read whichever exists" if ext else "")
+                      + ", or set allow_missing_captions = true to train those images with an empty caption")
+
+
 def _check_batches(cfg: dict, found, world: int) -> None:
     """Batches never mix buckets (a short one is topped up from its own bucket): each process needs a batch
     every step, and a batch larger than every bucket only repeats images."""
@@ -214,11 +230,16 @@ def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     check_optimizer(cfg["optimizer_type"], cfg["learning_rate"], cfg["optimizer_args"])
     _check_network(cfg)
     options, found = _check_data(cfg, is_main)
+    _check_captions(cfg, found)
     _check_batches(cfg, found, world)
     if cfg["base_lora"]:
         check_adapter_file(cfg["base_lora"])
     location = _check_model(cfg)
     model_config = transformer_config(location)
+    if cfg["base_lora"]:  # another architecture or width, before the transformer loads
+        from urae.adapters import check_adapter_fits, resolve_lora_file
+
+        check_adapter_fits(resolve_lora_file(cfg["base_lora"]), model_config)
     state_bytes = _state_bytes(cfg, model_config)
     check_free_space(out_dir, state_bytes)
     return RunPlan(out_dir, resume_path, options, found, location, model_config, state_bytes)

@@ -70,7 +70,8 @@ def parse(argv=None) -> dict:
 
 
 class _InterruptFlag:
-    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 0.
+    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 128 + the
+    signal's number (130, 143: the shell's convention, so `train && infer` does not go on without a final file).
 
     Signals within a few seconds of the first count as the same request (under `accelerate launch` each
     worker gets the terminal's SIGINT and then the launcher's forwarded copy); a later one aborts at once.
@@ -80,6 +81,7 @@ class _InterruptFlag:
 
     def __init__(self):
         self.set = False
+        self.signum = signal.SIGINT  # the first signal received (SIGINT when another rank got it)
         self._first = 0.0
         self._old: dict = {}
 
@@ -88,7 +90,7 @@ class _InterruptFlag:
         if self.set and now - self._first > self.GRACE_SECONDS:
             raise KeyboardInterrupt
         if not self.set:
-            self.set, self._first = True, now
+            self.set, self._first, self.signum = True, now, signum
             print(f"\n{signal.Signals(signum).name}: saving a state at the end of this step "
                   f"(signal again after {self.GRACE_SECONDS:.0f} s to abort)", flush=True)
 
@@ -159,12 +161,6 @@ def _adapter_metadata(cfg, step: int) -> dict:
         "ss_sd_model_name": Path(str(cfg["pretrained_model_name_or_path"])).name,
         "urae_recipe": json.dumps(recipe, sort_keys=True),
     }
-
-
-def _current_lr(optimizer) -> float:
-    g = optimizer.param_groups[0]
-    # Prodigy's effective step size is d * lr
-    return float(g["lr"]) * float(g.get("d", 1.0))
 
 
 # ---------------------------------------------------------------- stage 1: plan
@@ -441,6 +437,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     from tqdm.auto import tqdm
 
     from urae.data import make_dataloader
+    from urae.optim import step_size
 
     device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process)
@@ -490,8 +487,8 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                 if main:
                     saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
-                          f"plus --resume auto")
-                return 0
+                          f"plus --resume auto", flush=True)
+                return 128 + int(interrupt.signum)
             t0 = time.perf_counter()
             network.on_step_start(None, model.transformer)
             loss = train_step(cfg, model, stream, step, accelerator)
@@ -511,14 +508,14 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            lr, dt = _current_lr(optimizer), time.perf_counter() - t0
+            lr, dt = step_size(optimizer), time.perf_counter() - t0
             if main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.3g}", s_step=f"{dt:.2f}")
+                bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3g}" for k, v in lr.items()}, s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, **lr, "seconds": round(dt, 4)}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss, "lr": lr}, step=done)
+                    accelerator.log({"loss": loss, **lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
                 if main:
                     saver.state(done)
@@ -549,7 +546,7 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
     plan = plan_stage(cfg, accelerator)
