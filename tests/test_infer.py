@@ -355,7 +355,7 @@ def test_rope_scheme_from_the_flag_or_the_adapter_reaches_png_jsonl_and_plan(tin
     assert "position scheme: dype-yarn (base 256, lambda 2) (from --rope)" in text
     rec = json.loads((out / "images.jsonl").read_text())
     assert rec["runtime"]["rope"] == "dype-yarn" and rec["runtime"]["rope_base_resolution"] == 256
-    assert json.loads(read_png_info(out / "00000_0.png")["runtime"])["rope"] == "dype-yarn"
+    assert json.loads(read_png_info(out / rec["file"])["runtime"])["rope"] == "dype-yarn"
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     trained = {"rope": "dype-ntk", "rope_base_resolution": 512, "dype_lambda": 1.5, "proportional_attention": True}
