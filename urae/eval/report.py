@@ -87,7 +87,7 @@ def _curve_svg(column: str, points: list[tuple[int, float]], lower_is_better: bo
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}h3{font-size:14px;margin:16px 0 6px}
-.note{color:#666;margin:0 0 8px}
+.note{color:#666;margin:0 0 8px}.scroll{overflow-x:auto}
 table.metrics{border-collapse:collapse;background:#fff}
 table.metrics th,table.metrics td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
 table.metrics th{cursor:pointer;background:#f0f0f0;user-select:none}
@@ -205,7 +205,8 @@ def _metric_table(scores: Scores) -> str:
             cls = ' class="best"' if num != "" and best.get(c["column"]) == v else ""
             tds.append(f'<td data-value="{num}"{cls}>{_fmt(v)}</td>')
         body.append("<tr>" + "".join(tds) + "</tr>")
-    return f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
+            f'</tbody></table></div>')
 
 
 def _cell(scores: Scores, it, out_dir: Path) -> str:
