@@ -326,3 +326,27 @@ def test_fp8_storage_generates_as_fp8_rounded_weights_do(tiny_flux_dir, trained_
     to_rounded, to_full = np.abs(images["fp8"] - images["rounded"]), np.abs(images["fp8"] - images["full"])
     assert to_rounded.max() <= 1
     assert to_full.sum() > 10 * to_rounded.sum() + 1000, (to_full.sum(), to_rounded.sum())  # fp8 really applied
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import re
+    import signal
+
+    import urae.sampling
+
+    real, calls = urae.sampling.generate, []
+
+    def ctrl_c_during_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the second image
+        return real(*a, **k)
+
+    monkeypatch.setattr(urae.sampling, "generate", ctrl_c_during_the_second)
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--num_images", "3", "--width", "64", "--height", "64")
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == [f"interrupted after 1 of 3 image(s); the 1 finished are kept in {out}"], err
+    assert len(list(out.glob("*.png"))) == 1 and len((out / "images.jsonl").read_text().splitlines()) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for whoever runs next

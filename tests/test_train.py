@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -531,3 +532,31 @@ def test_a_quoted_number_in_the_toml_is_an_error(tiny_flux_dir, data_dir, tmp_pa
     argv = args(tiny_flux_dir, data_dir, tmp_path / "o")
     argv[1] = str(toml)
     _fails_fast(argv, capsys, "learning_rate = '1e-3' is not a valid float (a number is written without quotes")
+
+
+def test_ctrl_c_while_caching_is_one_line_exit_130_and_keeps_the_finished_files(tiny_flux_dir, data_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    import urae.data
+
+    real = urae.data.build_caches
+
+    def ctrl_c_at_the_third_encode(data, parts, *a, **k):
+        encode, calls = parts["vae"].encode, []
+
+        def encode_until_ctrl_c(*x, **y):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return encode(*x, **y)
+
+        parts["vae"].encode = encode_until_ctrl_c
+        return real(data, parts, *a, **k)
+
+    monkeypatch.setattr(urae.data, "build_caches", ctrl_c_at_the_third_encode)
+    cache = tmp_path / "cache"
+    rc = main(args(tiny_flux_dir, data_dir, tmp_path / "o", "--cache_dir", str(cache)))
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == ["interrupted while caching; the cache files finished so far are kept, and the next run reuses "
+                   "them"], err
+    assert len([f for f in cache.rglob("*.safetensors") if "latent" in str(f)]) == 2

@@ -61,6 +61,19 @@ class TrainingStopped(RuntimeError):
     """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C outside the training loop (which saves a state instead); the message says what is kept."""
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(what: str):
+    """A Ctrl-C in this phase becomes one line saying what of the work is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+
+
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
@@ -554,9 +567,11 @@ def train(cfg: dict) -> int:
     """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
-    plan = plan_stage(cfg, accelerator)
+    with _on_ctrl_c("during the checks; nothing was written"):
+        plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
-    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    with _on_ctrl_c("while caching; the cache files finished so far are kept, and the next run reuses them"):
+        caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -564,8 +579,9 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
-    model = model_stage(cfg, plan, transformer, accelerator)
+    with _on_ctrl_c("while loading the model, before the first step; the caches are complete and kept"):
+        transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+        model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -591,3 +607,9 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar may have been cut short mid-line
+            print(f"\ninterrupted {str(e) or 'by Ctrl-C; the files finished before it are kept'}", file=sys.stderr,
+                  flush=True)
+        return 130
