@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# forced, not defaulted: a user with HF_HUB_OFFLINE=0 in their shell must not run the offline tests online
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

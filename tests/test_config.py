@@ -1,11 +1,10 @@
 """The shared option machinery (urae.config) and the shared parsers (urae.common), tested directly."""
 
-import socket
 
 import pytest
 import torch
 
-from urae.common import DTYPES, did_you_mean, dtype_from_name, free_port, has_guidance_embedding, parse_bool
+from urae.common import DTYPES, did_you_mean, dtype_from_name, has_guidance_embedding, parse_bool
 from urae.config import ConfigError, Option, read_toml, resolve
 
 OPTS = [
@@ -50,13 +49,6 @@ def test_dev_or_schnell_from_a_transformer_config_or_dict():
     assert has_guidance_embedding(build_transformer(1, 1, guidance=True))
     assert not has_guidance_embedding(build_transformer(1, 1, guidance=False))
     assert has_guidance_embedding({"guidance_embeds": True}) and not has_guidance_embedding({})
-
-
-def test_free_port_can_be_bound():
-    port = free_port()
-    assert 0 < port < 65536
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
 
 
 def test_precedence_default_then_toml_then_command_line(tmp_path):

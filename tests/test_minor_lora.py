@@ -536,10 +536,11 @@ def test_init_cache(tmp_path):
     assert net4.svd_layers_computed == 14
 
 
-def _dist_worker(rank, world, port, weights, out_dir):
+def _dist_worker(rank, world, rendezvous, weights, out_dir):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rendezvous file, not a port: nothing another process on the machine can take first
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     net = ml.create_network(1.0, R, ALPHA, None, [], module_tree(weights), verbose="False")
     net.initialize()
@@ -547,14 +548,13 @@ def _dist_worker(rank, world, port, weights, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_svd_shared_across_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    from urae.common import free_port
-
     t = tiny()
     weights = {n: m.weight.detach().clone() for n, m in t.named_modules() if isinstance(m, nn.Linear)}
-    mp.spawn(_dist_worker, args=(2, free_port(), weights, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, tmp_path / "rendezvous", weights, str(tmp_path)), nprocs=2, join=True)
     single = ml.create_network(1.0, R, ALPHA, None, [], module_tree(weights), verbose="False")
     single.initialize()
     ref = single.state_dict()

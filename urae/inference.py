@@ -44,7 +44,8 @@ OPTIONS = [
     Option("dynamic_shift", bool, False, "FLUX's resolution-dependent shift instead of the static one"),
     Option("offload", str, "auto", "GPU memory mode", choices=("auto", "none", "model", "sequential")),
     Option("fp8", bool, False, "store the transformer blocks' weights as float8 e4m3, upcast per layer (as training's "
-           "fp8_base): 11.1 instead of 22.2 GiB, so 4096² fits a 24 GB GPU; values change by fp8 rounding"),
+           "fp8_base; FLUX.1-dev: 11.1 instead of 22.2 GiB, so 4096² fits a 24 GB GPU); values change by fp8 "
+           "rounding; the line after loading says what it stored"),
     Option("vae_tiling", bool, None, "split the VAE decode into row chunks (exact; automatic above 2048²)"),
     Option("init_resolution", int, None, "two-stage hi-res: draft at this long side, then refine"),
     Option("init_image", str, None, "refine this image at the target size (image-to-image)"),
@@ -177,25 +178,49 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
         raise ConfigError(str(e)) from e
 
 
-def memory_plan(cfg, requests) -> str:
-    """The plan's memory line: the expected peak of a denoising step at the largest size."""
+def memory_plan(cfg, requests, dtype: torch.dtype) -> str:
+    """The plan's GPU memory line: the expected peak of a denoising step at the largest size, at FLUX.1-dev's
+    size (the model itself is not loaded yet), in the dtype the run will use."""
     from urae.common import human_bytes
     from urae.memory.generation import denoise_peak_bytes, forward_work_bytes, transformer_bytes
 
     big = max(requests, key=lambda r: r.width * r.height)
-    return (f"memory: {'fp8' if cfg['fp8'] else 'bf16'} transformer {human_bytes(transformer_bytes(cfg['fp8']))} + "
-            f"{human_bytes(forward_work_bytes(big.width, big.height))} activations at {big.width}x{big.height}: "
-            f"expected peak while denoising {human_bytes(denoise_peak_bytes(big.width, big.height, cfg['fp8']))} "
-            f"(FLUX.1-dev; text encoders offloaded, plus the CUDA context)")
+    size = torch.empty((), dtype=dtype).element_size()
+    name = str(dtype).replace("torch.", "")
+    return (f"memory (expected for FLUX.1-dev on the GPU): {name} transformer"
+            f"{', blocks stored as fp8' if cfg['fp8'] else ''} {human_bytes(transformer_bytes(cfg['fp8'], size))} + "
+            f"{human_bytes(forward_work_bytes(big.width, big.height, param_bytes=size))} activations at "
+            f"{big.width}x{big.height}: peak while denoising "
+            f"{human_bytes(denoise_peak_bytes(big.width, big.height, cfg['fp8'], size))} "
+            f"(text encoders offloaded, plus the CUDA context)")
 
 
-def apply_fp8(transformer) -> None:
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def loaded_line(cfg, transformer, before: int, fp8_linears: int, placement: str) -> str:
+    """What was actually loaded, in which dtype, and what --fp8 did to it, after loading."""
+    from urae.common import human_bytes, human_count
+
+    n = sum(p.numel() for p in transformer.parameters())
+    dtype = str(transformer.dtype).replace("torch.", "")
+    line = f"loaded: transformer of {cfg['transformer'] or cfg['model']}, {human_count(n)} parameters in {dtype}"
+    if cfg["fp8"]:
+        line += (f"; --fp8 stored {fp8_linears} block Linear weights as float8 e4m3 on {placement}: "
+                 f"{human_bytes(before)} -> {human_bytes(module_bytes(transformer))} (upcast to {dtype} per layer)")
+    else:
+        line += f", {human_bytes(before)}, on {placement}"
+    return line
+
+
+def apply_fp8(transformer) -> int:
     """float8 storage of the blocks' Linear weights, after the LoRAs are attached or fused (their change is
-    computed from the full-precision weights)."""
+    computed from the full-precision weights); returns how many Linear layers it stores so."""
     from urae.memory import transformer_blocks
     from urae.memory.fp8 import Fp8Storage
 
-    Fp8Storage(transformer_blocks(transformer), next(transformer.parameters()).dtype)
+    return len(Fp8Storage(transformer_blocks(transformer), next(transformer.parameters()).dtype).linears)
 
 
 def place_pipeline(pipe, mode: str, device) -> str:
@@ -253,8 +278,8 @@ def run(cfg: dict) -> list[Path]:
         resolve_lora_file,
         runtime_from_metadata,
     )
-    from urae.loading import default_device, load_pipeline, resolve_model_location
-    from urae.outputs import append_jsonl, save_png
+    from urae.loading import default_device, load_pipeline, parse_dtype, resolve_model_location
+    from urae.outputs import append_jsonl, image_stem, next_index, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
 
     # everything that needs no model first: prompts, sizes, files, output folder
@@ -282,14 +307,18 @@ def run(cfg: dict) -> list[Path]:
         why = float8_problem(cfg["device"] or default_device())
         if why:
             raise ConfigError(f"--fp8: this device cannot store float8 weights ({why}); leave --fp8 off")
-    for line in [*plan, memory_plan(cfg, requests)]:
+    device = torch.device(cfg["device"]) if cfg["device"] else default_device()
+    dtype = parse_dtype(cfg["dtype"], device)
+    # GPU figures mean nothing for a CPU run; after loading, the line below says what the model really takes
+    for line in [*plan, *([memory_plan(cfg, requests, dtype)] if device.type == "cuda" else [])]:
         print(line, flush=True)
 
-    pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=cfg["dtype"], device=None)
+    pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=dtype, device=None)
     networks = attach_adapters(pipe.transformer, loras, scales, fuse=cfg["fuse_lora"])
-    if cfg["fp8"]:
-        apply_fp8(pipe.transformer)
+    before = module_bytes(pipe.transformer)
+    fp8_linears = apply_fp8(pipe.transformer) if cfg["fp8"] else 0
     placement = place_pipeline(pipe, cfg["offload"], cfg["device"])
+    print(loaded_line(cfg, pipe.transformer, before, fp8_linears, placement), flush=True)
     if not cfg["fuse_lora"]:  # attached adapters are not submodules of the transformer: move them along
         for net in networks:
             net.to(pipe._execution_device)
@@ -304,6 +333,7 @@ def run(cfg: dict) -> list[Path]:
           f"{len(loras)} LoRA(s){' fused' if cfg['fuse_lora'] and loras else ''}, on {placement}"
           f"{', two-stage from ' + str(cfg['init_resolution']) if two else ''} -> {out_dir}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    first_index = next_index(out_dir)
     written = []
     _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
         f"the {len(written)} finished are kept in {out_dir}" if written else "nothing was written"))
@@ -327,7 +357,7 @@ def run(cfg: dict) -> list[Path]:
             "strength": req.strength if (two or req.init_image is not None) else None,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        path = save_png(image, out_dir, f"{i:05d}_{req.seed}", info)
+        path = save_png(image, out_dir, image_stem(first_index + i, req.seed, req.width, req.height), info)
         append_jsonl(out_dir / "images.jsonl", {"file": path.name, **info})
         written.append(path)
     bar.close()

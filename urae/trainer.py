@@ -176,12 +176,6 @@ def _adapter_metadata(cfg, step: int) -> dict:
     }
 
 
-def _current_lr(optimizer) -> float:
-    g = optimizer.param_groups[0]
-    # Prodigy's effective step size is d * lr
-    return float(g["lr"]) * float(g.get("d", 1.0))
-
-
 # ---------------------------------------------------------------- stage 1: plan
 
 def _make_accelerator(cfg, out_dir: Path, tb: bool):
@@ -456,6 +450,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     from tqdm.auto import tqdm
 
     from urae.data import make_dataloader
+    from urae.optim import step_size
 
     device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process)
@@ -526,14 +521,14 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            lr, dt = _current_lr(optimizer), time.perf_counter() - t0
+            lr, dt = step_size(optimizer), time.perf_counter() - t0
             if main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.3g}", s_step=f"{dt:.2f}")
+                bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3g}" for k, v in lr.items()}, s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, **lr, "seconds": round(dt, 4)}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss, "lr": lr}, step=done)
+                    accelerator.log({"loss": loss, **lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
                 if main:
                     saver.state(done)

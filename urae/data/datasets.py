@@ -280,8 +280,9 @@ def _warn(result: ScanResult) -> None:
     if result.upscaled:
         worst, factor = max(result.upscaled, key=lambda x: x[1])
         logger.warning("%s of %s images are upscaled more than %.1f× to fit their bucket (most: %.2f×, %s); "
-                       "URAE's 4K recipe needs real ≥ 4K photos (bucket_no_upscale = true gives them smaller "
-                       "buckets instead)", f"{len(result.upscaled):,}", f"{len(result.items):,}", UPSCALE_WARN,
+                       "an enlarged image teaches its blur at the training resolution: use images at least that "
+                       "large (the 2K recipe's are 2048 px, the 4K recipe's ≥ 4096 px), or bucket_no_upscale = true "
+                       "to give them smaller buckets instead", f"{len(result.upscaled):,}", f"{len(result.items):,}", UPSCALE_WARN,
                        factor, worst)
     if result.missing_captions:
         logger.warning("%d image(s) have no caption file; an empty caption is used for them", result.missing_captions)
