@@ -200,6 +200,7 @@ def test_output_dir_of_another_run_is_refused(tiny_flux_dir, data_dir, tmp_path,
     out = tmp_path / "used"
     out.mkdir()
     (out / "train_config.toml").write_text("")
+    (out / "urae_demo.safetensors").write_text("")  # a finished run's file (a marker alone is a run never saved)
     assert main(args(tiny_flux_dir, data_dir, out, "--overwrite", "false")) == 2
     assert "--resume auto" in capsys.readouterr().err
 
@@ -559,3 +560,25 @@ def test_ctrl_c_while_caching_is_one_line_exit_130_and_keeps_the_finished_files(
     assert err == ["interrupted while caching; the cache files finished so far are kept, and the next run reuses "
                    "them"], err
     assert len([f for f in cache.rglob("*.safetensors") if "latent" in str(f)]) == 2
+
+
+def test_a_run_that_fails_before_saving_anything_does_not_block_the_next(tiny_flux_dir, data_dir, tmp_path, capsys):
+    from urae.checkpoints import check_output_dir
+    from urae.tiny import build_transformer, write_bfl_checkpoint
+
+    # a transformer file of another depth: found only when it loads, after the run marked its folder
+    other = write_bfl_checkpoint(build_transformer(layers=1, single_layers=1), tmp_path / "other.safetensors")
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "mine", True)):
+        if existed:
+            out.mkdir()
+        rc = main(args(tiny_flux_dir, data_dir, out, "--transformer", str(other), "--overwrite", "false"))
+        err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.startswith("error")]
+        assert rc == 2 and len(err) == 1 and "does not fit the transformer config" in err[0], err
+        # no marker left to refuse the corrected command; a folder the run created is gone again
+        assert (sorted(p.name for p in out.iterdir()) == []) if existed else not out.exists()
+    # a marker and a log alone (a run killed before its first save) are reused silently
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "train_config.toml").write_text("")
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    check_output_dir(out, resuming=False, overwrite=False, output_name="urae_demo")

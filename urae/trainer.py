@@ -34,11 +34,13 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     clear_run,
+    forget_unstarted_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
+    run_started,
     save_state,
     state_dir,
     truncate_log,
@@ -224,8 +226,8 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         print("training config:\n" + format_table(cfg), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
-        if cfg["overwrite"] and plan.resume_path is None:
-            clear_run(plan.out_dir, cfg["output_name"])
+        if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
+            clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
         remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
     return plan
@@ -559,7 +561,19 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint). A run that
+    fails before saving anything leaves no trace that would refuse the next one."""
+    out_dir = Path(cfg["output_dir"])
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            forget_unstarted_run(out_dir, cfg["output_name"], created)
+        raise
+
+
+def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
     with _on_ctrl_c("during the checks; nothing was written"):
