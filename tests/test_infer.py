@@ -381,6 +381,30 @@ def test_sizes_off_the_16_grid_are_refused_with_the_nearest(tiny_flux_dir, tmp_p
     assert "the nearest valid width is 4096" in capsys.readouterr().err
 
 
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import re
+    import signal
+
+    import urae.sampling
+
+    real, calls = urae.sampling.generate, []
+
+    def ctrl_c_during_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the second image
+        return real(*a, **k)
+
+    monkeypatch.setattr(urae.sampling, "generate", ctrl_c_during_the_second)
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--num_images", "3", "--width", "64", "--height", "64")
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == [f"interrupted after 1 of 3 image(s); the 1 finished are kept in {out}"], err
+    assert len(list(out.glob("*.png"))) == 1 and len((out / "images.jsonl").read_text().splitlines()) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for whoever runs next
+
+
 def test_gpu_memory_line_uses_the_run_dtype_and_fp8():
     """The plan's GPU line (FLUX.1-dev figures, from urae.memory.generation's docstring) names the dtype used."""
     from types import SimpleNamespace

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,6 +200,7 @@ def test_output_dir_of_another_run_is_refused(tiny_flux_dir, data_dir, tmp_path,
     out = tmp_path / "used"
     out.mkdir()
     (out / "train_config.toml").write_text("")
+    (out / "urae_demo.safetensors").write_text("")  # a finished run's file (a marker alone is a run never saved)
     assert main(args(tiny_flux_dir, data_dir, out, "--overwrite", "false")) == 2
     assert "--resume auto" in capsys.readouterr().err
 
@@ -530,3 +532,53 @@ def test_a_quoted_number_in_the_toml_is_an_error(tiny_flux_dir, data_dir, tmp_pa
     argv = args(tiny_flux_dir, data_dir, tmp_path / "o")
     argv[1] = str(toml)
     _fails_fast(argv, capsys, "learning_rate = '1e-3' is not a valid float (a number is written without quotes")
+
+
+def test_ctrl_c_while_caching_is_one_line_exit_130_and_keeps_the_finished_files(tiny_flux_dir, data_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    import urae.data
+
+    real = urae.data.build_caches
+
+    def ctrl_c_at_the_third_encode(data, parts, *a, **k):
+        encode, calls = parts["vae"].encode, []
+
+        def encode_until_ctrl_c(*x, **y):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return encode(*x, **y)
+
+        parts["vae"].encode = encode_until_ctrl_c
+        return real(data, parts, *a, **k)
+
+    monkeypatch.setattr(urae.data, "build_caches", ctrl_c_at_the_third_encode)
+    cache = tmp_path / "cache"
+    rc = main(args(tiny_flux_dir, data_dir, tmp_path / "o", "--cache_dir", str(cache)))
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == ["interrupted while caching; the cache files finished so far are kept, and the next run reuses "
+                   "them"], err
+    assert len([f for f in cache.rglob("*.safetensors") if "latent" in str(f)]) == 2
+
+
+def test_a_run_that_fails_before_saving_anything_does_not_block_the_next(tiny_flux_dir, data_dir, tmp_path, capsys):
+    from urae.checkpoints import check_output_dir
+    from urae.tiny import build_transformer, write_bfl_checkpoint
+
+    # a transformer file of another depth: found only when it loads, after the run marked its folder
+    other = write_bfl_checkpoint(build_transformer(layers=1, single_layers=1), tmp_path / "other.safetensors")
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "mine", True)):
+        if existed:
+            out.mkdir()
+        rc = main(args(tiny_flux_dir, data_dir, out, "--transformer", str(other), "--overwrite", "false"))
+        err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.startswith("error")]
+        assert rc == 2 and len(err) == 1 and "does not fit the transformer config" in err[0], err
+        # no marker left to refuse the corrected command; a folder the run created is gone again
+        assert (sorted(p.name for p in out.iterdir()) == []) if existed else not out.exists()
+    # a marker and a log alone (a run killed before its first save) are reused silently
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "train_config.toml").write_text("")
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    check_output_dir(out, resuming=False, overwrite=False, output_name="urae_demo")

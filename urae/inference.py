@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -270,6 +272,20 @@ def _check_device(name: str | None) -> None:
         raise ConfigError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
 
 
+class Interrupted(Exception):
+    """Ctrl-C: the message says how far the run got and what of it is kept."""
+
+
+def _report_ctrl_c(progress) -> None:
+    """From now on Ctrl-C stops with `progress()` (how far the run got) instead of a traceback; every image is
+    written whole as soon as it is finished, so what is done is kept. `main` restores the handler."""
+    def stop(signum, frame):
+        raise Interrupted(progress())
+
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+        signal.signal(signal.SIGINT, stop)
+
+
 def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
@@ -338,6 +354,8 @@ def run(cfg: dict) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     first_index = next_index(out_dir)
     written = []
+    _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
+        f"the {len(written)} finished are kept in {out_dir}" if written else "nothing was written"))
     bar = tqdm(total=total, unit="step", desc="generating")
     for i, req in enumerate(requests):
         req = fill_defaults(req, pipe.transformer)
@@ -374,6 +392,7 @@ def main(argv=None) -> int:
     from urae.logs import setup_logging
 
     setup_logging()
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         cfg = parse(argv)
         print("settings:\n" + format_table(cfg, only_changed=True))
@@ -381,4 +400,10 @@ def main(argv=None) -> int:
     except (ConfigError, ModelLoadError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)  # as the training command
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:  # on a line of its own: a progress bar may be cut mid-line
+        print(f"\ninterrupted {str(e) or 'before the first image; nothing was written'}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_ctrl_c)
     return 0

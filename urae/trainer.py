@@ -34,11 +34,13 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     clear_run,
+    forget_unstarted_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
+    run_started,
     save_state,
     state_dir,
     truncate_log,
@@ -68,6 +70,19 @@ log = logging.getLogger("urae")
 
 class TrainingStopped(RuntimeError):
     """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C outside the training loop (which saves a state instead); the message says what is kept."""
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(what: str):
+    """A Ctrl-C in this phase becomes one line saying what of the work is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
 
 
 def parse(argv=None) -> dict:
@@ -220,8 +235,8 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         print("training config:\n" + format_table(cfg), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
-        if cfg["overwrite"] and plan.resume_path is None:
-            clear_run(plan.out_dir, cfg["output_name"])
+        if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
+            clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
         remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
     return plan
@@ -567,12 +582,26 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint). A run that
+    fails before saving anything leaves no trace that would refuse the next one."""
+    out_dir = Path(cfg["output_dir"])
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            forget_unstarted_run(out_dir, cfg["output_name"], created)
+        raise
+
+
+def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
-    plan = plan_stage(cfg, accelerator)
+    with _on_ctrl_c("during the checks; nothing was written"):
+        plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
-    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    with _on_ctrl_c("while caching; the cache files finished so far are kept, and the next run reuses them"):
+        caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -580,8 +609,9 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
-    model = model_stage(cfg, plan, transformer, accelerator)
+    with _on_ctrl_c("while loading the model, before the first step; the caches are complete and kept"):
+        transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+        model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -607,3 +637,9 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar may have been cut short mid-line
+            print(f"\ninterrupted {str(e) or 'by Ctrl-C; the files finished before it are kept'}", file=sys.stderr,
+                  flush=True)
+        return 130
