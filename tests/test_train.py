@@ -49,6 +49,21 @@ def test_demo_preset_end_to_end(tiny_flux_dir, data_dir, tmp_path, capsys):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000040_00.png", "0000040_01.png"]
     assert len(log_losses(out)) == 40
     assert (out / "train_config.toml").is_file()
+    # the resolved config is in train_config.toml, and one line on the terminal says so
+    assert "training config:" not in text and f"every resolved key is written to {out / 'train_config.toml'}" in text
+    assert "learning_rate = 0.001" in (out / "train_config.toml").read_text()
+
+
+def test_config_line_says_where_the_settings_came_from_and_went(tmp_path):
+    from urae.config import resolve
+    from urae.train_options import OPTIONS
+    from urae.trainer import config_line
+
+    cfg = resolve(OPTIONS, ["--config", str(ROOT / "presets/demo.toml"), "--max_train_steps", "3"], "t", "")
+    line = config_line(cfg, tmp_path)
+    n_toml = len(read_toml(ROOT / "presets/demo.toml"))
+    assert line == (f"config: {ROOT / 'presets/demo.toml'} + command line ({n_toml} of {len(OPTIONS)} keys set); "
+                    f"every resolved key is written to {tmp_path / 'train_config.toml'} when training starts")
 
 
 def test_loss_decreases_on_a_fixed_batch():

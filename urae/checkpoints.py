@@ -98,9 +98,11 @@ def remove_partial_saves(output_dir: Path) -> None:
 
 
 def clear_run(output_dir: Path, output_name: str) -> None:
-    """--overwrite: remove the previous run's states, log and final file so nothing of it is resumed."""
+    """--overwrite: remove the previous run's states, log, samples and final file, so nothing of it is resumed
+    or mistaken for this run's."""
     for _, p in list_states(output_dir):
         shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(output_dir / "samples", ignore_errors=True)
     remove_partial_saves(output_dir)
     for name in ("train_log.jsonl", f"{output_name}.safetensors", RUN_MARKER):
         (output_dir / name).unlink(missing_ok=True)

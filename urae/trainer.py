@@ -46,13 +46,13 @@ from urae.checkpoints import (
     truncate_log,
 )
 from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
-from urae.config import ConfigError, format_table, resolve, to_toml
+from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
 from urae.train_plan import RunPlan, make_plan
 from urae.train_sync import (
     BatchStream,
@@ -88,7 +88,8 @@ def _on_ctrl_c(what: str):
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
-                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"))
+                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"),
+                  foreign=SD_SCRIPTS_FLAGS)
     check(cfg)
     return cfg
 
@@ -215,6 +216,16 @@ def _tensorboard(cfg) -> bool:
     return True
 
 
+def config_line(cfg: dict, out_dir: Path) -> str:
+    """One line in place of the whole resolved config: where it came from and where all of it is written."""
+    sources = cfg.get("_sources", {})
+    changed = [k for k, v in sources.items() if v != "default"]
+    origin = " + ".join(x for x in (cfg.get("_config_file"), "command line" if "command line" in sources.values()
+                                    else None) if x) or "defaults"
+    return (f"config: {origin} ({len(changed)} of {len(sources)} keys set); every resolved key is written to "
+            f"{out_dir / RUN_MARKER} when training starts")
+
+
 def plan_stage(cfg, accelerator) -> RunPlan:
     main = accelerator.is_main_process
     if cfg["demo"] and main:
@@ -232,7 +243,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
             log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
                         f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        print("training config:\n" + format_table(cfg), flush=True)
+        print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
         if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
