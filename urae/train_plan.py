@@ -17,7 +17,7 @@ from urae.train_options import DATA_KEYS
 # Bytes a state and the adapter file take, per trainable parameter: fp32 factors + frozen copies, and the
 # optimizer's fp32 moments (Prodigy keeps ~4 tensors per parameter, AdamW 2).
 _ADAPTER_BYTES_PER_PARAM = 8
-_OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4}
+_OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4, "sgd": 0}
 
 
 @dataclass
