@@ -66,6 +66,8 @@ def test_precedence_default_then_toml_then_command_line(tmp_path):
     ([], "sise = 1\n", "unknown key 'sise' (did you mean 'size'?)"),
     ([], 'mode = "slow"\n', "choose one of fast, exact"),
     ([], 'size = "big"\n', "size = 'big' is not a valid int"),
+    ([], 'size = "128"\n', "size = '128' is not a valid int (a number is written without quotes in TOML)"),
+    ([], 'ratio = "1e-3"\n', "ratio = '1e-3' is not a valid float (a number is written without quotes"),
     ([], "flag = 3\n", "flag = 3 is not a valid bool"),
     (["--table", "{k = "], None, "not an inline TOML table"),
     ([], "size = = 1\n", "is not valid TOML"),

@@ -95,3 +95,77 @@ def test_small_grids_keep_stock_axes_and_batches_get_their_own_tables():
         want = rope_tables(ids, FLUX_AXES, "dype-ntk", s)
         assert torch.equal(cos[b], want[0]) and torch.equal(sin[b], want[1])
     assert batch_tables(ids, FLUX_AXES, "dype-ntk", torch.tensor([0.3, 0.3]))[0].dim() == 2
+
+
+# ---- through the runtime: one denoising step of the tiny model against the reference's embedding
+
+def _step_inputs(model, width, height, sigmas, text=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, cfg = len(sigmas), model.config
+    ids = flux_ids(width, height, text=0, full=True)
+    return dict(hidden_states=torch.randn(b, ids.shape[0], cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(b, text, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor(sigmas), guidance=torch.ones(b), img_ids=ids, txt_ids=torch.zeros(text, 3),
+                return_dict=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from urae.tiny import build_transformer
+
+    return build_transformer(layers=1, single_layers=1, seed=3)
+
+
+def _reference_step(model, x, method, dype, base_patches, proportional=False):
+    """The reference transformer's step: diffusers' FLUX transformer with the reference's FluxPosEmbed, its
+    time set from the call as the reference's forward does (`set_timestep(timestep.item())`). The reference
+    module itself imports a package it never uses (sqlalchemy) and changes nothing else in the transformer."""
+    from urae.runtime import HighResSettings, apply_highres
+
+    stock = model.pos_embed
+    ref = FluxPosEmbed(10000, list(stock.axes_dim), method=method, dype=dype)
+    ref.base_patches = base_patches
+    ref.set_timestep(x["timestep"].item())
+    model.pos_embed = ref
+    try:
+        with apply_highres(model, HighResSettings(proportional_attention=proportional, base_seq_len=64)):
+            return model(**x)[0]
+    finally:
+        model.pos_embed = stock
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("proportional", [False, True])
+def test_one_step_equals_the_reference_transformer(tiny, proportional):
+    """Base 256 px (16 tokens per axis) so a 512 x 384 picture is past it on both axes, as 4K is past 1024."""
+    from urae.runtime import HighResSettings, apply_highres
+
+    for scheme, (method, dype) in REFERENCE.items():
+        for sigma in (1.0, 0.3):
+            x = _step_inputs(tiny, 512, 384, [sigma])
+            want = _reference_step(tiny, x, method, dype, 16, proportional)
+            s = HighResSettings(rope=scheme, rope_base_resolution=256, proportional_attention=proportional,
+                                base_seq_len=64)
+            with apply_highres(tiny, s):
+                got = tiny(**x)[0]
+            diff = (got - want).abs().max().item()
+            assert diff <= 1e-6, (scheme, sigma, diff)
+            assert (got - tiny(**x)[0]).abs().max().item() > 1e-4, "the scheme changes the step"
+    assert type(tiny.pos_embed).__name__ == "FluxPosEmbed" and tiny.pos_embed.theta == 10000
+
+
+@torch.no_grad()
+def test_batch_of_noise_levels_gets_each_samples_tables(tiny):
+    from urae.runtime import HighResSettings, apply_highres
+
+    x = _step_inputs(tiny, 512, 384, [0.9, 0.2])
+    with apply_highres(tiny, HighResSettings(rope="dype-yarn", rope_base_resolution=256)):
+        both = tiny(**x)[0]
+        for b in range(2):
+            one = {**x, **{k: x[k][b:b + 1] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                                       "timestep", "guidance")}}
+            assert (tiny(**one)[0][0] - both[b]).abs().max().item() <= 1e-6
+        # the planted bug "the first sample's time for the whole batch" is visible
+        same = tiny(**{**x, "timestep": torch.tensor([0.9, 0.9])})[0]
+        assert (same[1] - both[1]).abs().max().item() > 1e-4

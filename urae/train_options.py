@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urae.config import ConfigError, Option
+from urae.config import ConfigError, Option, check_ranges
 from urae.flow import TIMESTEP_SAMPLING, TRAIN_GUIDANCE
 from urae.optim import OPTIMIZERS, SCHEDULERS
 
@@ -67,6 +67,9 @@ OPTIONS = [
     Option("network_dim", int, 16, "LoRA rank r"),
     Option("network_alpha", float, 16.0, "LoRA alpha (scale = alpha / r)"),
     Option("network_args", list, [], "module options as key=value (init=minor, targets=urae, …)"),
+    Option("allow_quantised_svd", bool, False, "init=minor/major on a transformer file stored in float8/int8: take "
+           "the SVD of the rounded weights anyway (lossy; the plan says by how much). Better: network_args "
+           "svd_weights=<a full-precision file>"),
     Option("base_lora", str, None, "LoRA to train on top of (the 4K recipe starts from the 2K one): the minor SVD is "
            "taken of W + its change, which is applied frozen in every forward (W itself is not modified) and saved "
            "in the final file with the trained change; a path or a hub file owner/repo/file.safetensors"),
@@ -124,6 +127,19 @@ OPTIONS = [
 ]
 
 
+# Every numeric key's range, checked before anything runs: key -> (lowest, lowest allowed, highest or None).
+RANGES = {
+    **{k: (0, False, None) for k in ("learning_rate", "network_alpha", "ntk_factor", "sigmoid_scale",
+                                     "discrete_flow_shift", "host_memory_budget")},
+    **{k: (1, True, None) for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                                    "network_dim", "t5_max_length", "sample_steps")},
+    **{k: (0, True, None) for k in ("lr_warmup_steps", "max_grad_norm", "seed", "guidance_scale", "blocks_to_swap",
+                                    "save_every_n_steps", "sample_every_n_steps", "save_last_n_steps")},
+    **{k: (16, True, None) for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")},
+    "real_prompt_ratio": (0, True, 1),
+}
+
+
 def check(cfg: dict) -> None:
     """Cross-key rules and the URAE guidance rule."""
     if cfg["guidance_scale"] != TRAIN_GUIDANCE and not cfg["allow_training_guidance"]:
@@ -131,14 +147,7 @@ def check(cfg: dict) -> None:
             f"guidance_scale = {cfg['guidance_scale']} refused: FLUX.1-dev is guidance-distilled, and URAE trains "
             f"with the guidance embedding fixed at 1 (paper §3.4); use 3.5 only at inference. Set "
             f"allow_training_guidance = true to override (expert use).")
-    for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "network_dim"):
-        if cfg[k] < 1:
-            raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
-    for k in ("save_every_n_steps", "sample_every_n_steps", "save_last_n_steps"):
-        if cfg[k] is not None and cfg[k] < 0:
-            raise ConfigError(f"{k} must be >= 0 (0 or unset = off), got {cfg[k]}")
-    if cfg["ntk_factor"] <= 0:
-        raise ConfigError(f"ntk_factor must be > 0, got {cfg['ntk_factor']}")
+    check_ranges(cfg, RANGES)
     if not cfg["train_data_dir"] and not cfg["dataset_config"]:
         raise ConfigError("no training data: set train_data_dir (a folder) or dataset_config (an sd-scripts TOML)")
     if (cfg["sample_every_n_steps"] or cfg["sample_at_first"]) and not cfg["sample_prompts"]:

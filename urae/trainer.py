@@ -34,11 +34,13 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     clear_run,
+    forget_unstarted_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
+    run_started,
     save_state,
     state_dir,
     truncate_log,
@@ -52,13 +54,35 @@ from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
 from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
 from urae.train_plan import RunPlan, make_plan
-from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
+from urae.train_sync import (
+    BatchStream,
+    all_reduce_mean,
+    any_rank,
+    broadcast_from_main,
+    check_ranks_agree,
+    init_rng,
+    mean_over_ranks,
+    seed_for,
+)
 
 log = logging.getLogger("urae")
 
 
 class TrainingStopped(RuntimeError):
     """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C outside the training loop (which saves a state instead); the message says what is kept."""
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(what: str):
+    """A Ctrl-C in this phase becomes one line saying what of the work is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
 
 
 def parse(argv=None) -> dict:
@@ -222,8 +246,8 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
-        if cfg["overwrite"] and plan.resume_path is None:
-            clear_run(plan.out_dir, cfg["output_name"])
+        if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
+            clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
         remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
     return plan
@@ -313,15 +337,18 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
     if not accelerator.is_main_process and (known is None or "verbose" in known):
         kwargs["verbose"] = "False"  # its summary line and SVD bar once, from rank 0
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
-        network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
-                                        **kwargs)
+        with init_rng(cfg["seed"]):
+            network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
+                                            **kwargs)
         network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
         if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
             load_adapter_state(plan.resume_path, network)
     except ValueError as e:
         raise ConfigError(f"network: {e}") from None
-    network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
+    with init_rng(cfg["seed"]):
+        network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
+    broadcast_from_main(network, accelerator.num_processes)
     if fsdp:
         shard_base(transformer, device)
         if accelerator.is_main_process:
@@ -350,10 +377,16 @@ def _optimizer(cfg, network):
 class Saver:
     """States and the final file; a save that fails for lack of space stops the run with what to do."""
 
-    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched):
+    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched, accelerator):
         self.cfg, self.plan = cfg, plan
         self.network, self.optimizer, self.lr_sched = network, optimizer, lr_sched
+        self.device, self.world, self.main = (accelerator.device, accelerator.num_processes,
+                                              accelerator.is_main_process)
         self.last_good = plan.resume_path
+
+    def agree(self, when: str) -> None:
+        """Every rank calls it: a diverged adapter stops the run as a bug before anything is written."""
+        check_ranks_agree(self.network, self.device, self.world, when, self.last_good)
 
     def _guard(self, what: str, fn):
         try:
@@ -368,6 +401,13 @@ class Saver:
                 f"with --resume auto") from None
 
     def state(self, step: int) -> None:
+        """Every rank calls it: the ranks' agreement is checked, then rank 0 writes the state."""
+        self.agree(f"at step {step}")
+        if self.main:
+            self.write(step)
+        self.last_good = state_dir(self.plan.out_dir, step)
+
+    def write(self, step: int) -> None:
         cfg = self.cfg
         path = self._guard(f"the state of step {step}", lambda: save_state(
             self.plan.out_dir, step, self.network, self.optimizer, self.lr_sched, {"seed": cfg["seed"]},
@@ -456,7 +496,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                                  accelerator.is_main_process)
     network, trainable, settings = model.network, model.trainable, model.settings
     optimizer, lr_sched = _optimizer(cfg, network)
-    saver = Saver(cfg, plan, network, optimizer, lr_sched)
+    saver = Saver(cfg, plan, network, optimizer, lr_sched, accelerator)
     start = 0
     if plan.resume_path is not None:
         start = int(load_optimizer_state(plan.resume_path, optimizer, lr_sched)["step"])
@@ -498,8 +538,8 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
                 bar.close()  # the lines below start on their own line
+                saver.state(step)
                 if main:
-                    saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
                           f"plus --resume auto", flush=True)
                 return 128 + int(interrupt.signum)
@@ -531,16 +571,12 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                 if tb:
                     accelerator.log({"loss": loss, **lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
-                if main:
-                    saver.state(done)
-                saver.last_good = state_dir(plan.out_dir, done)
+                saver.state(done)
                 accelerator.wait_for_everyone()
             if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
                 samples(done)
         bar.close()
-        if not ranks_agree(trainable, device, world):
-            raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
-                                  "report it with your accelerate config")
+        saver.agree("after training")
         if main:
             save_stage(cfg, plan, saver, world)
         if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
@@ -555,19 +591,33 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
         print(f"adapter identical on all {world} processes")
     final = saver.final()
     if cfg["save_every_n_steps"]:
-        saver.state(cfg["max_train_steps"])
+        saver.write(cfg["max_train_steps"])  # rank 0 alone: the ranks were checked just before
     print(f"saved {final} ({len(list_states(plan.out_dir))} state(s) kept)")
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint). A run that
+    fails before saving anything leaves no trace that would refuse the next one."""
+    out_dir = Path(cfg["output_dir"])
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            forget_unstarted_run(out_dir, cfg["output_name"], created)
+        raise
+
+
+def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
     if not accelerator.is_main_process:  # each info line once, from rank 0; warnings and errors still show
         logging.getLogger("urae").setLevel(logging.WARNING)
-    plan = plan_stage(cfg, accelerator)
+    with _on_ctrl_c("during the checks; nothing was written"):
+        plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
-    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    with _on_ctrl_c("while caching; the cache files finished so far are kept, and the next run reuses them"):
+        caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -575,8 +625,9 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
-    model = model_stage(cfg, plan, transformer, accelerator)
+    with _on_ctrl_c("while loading the model, before the first step; the caches are complete and kept"):
+        transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+        model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -602,3 +653,9 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar may have been cut short mid-line
+            print(f"\ninterrupted {str(e) or 'by Ctrl-C; the files finished before it are kept'}", file=sys.stderr,
+                  flush=True)
+        return 130
