@@ -245,6 +245,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
         print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
+        print(plan.paths(cfg), flush=True)
         print(plan.memory.summary(), flush=True)
         if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
             clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
