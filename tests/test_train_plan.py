@@ -47,7 +47,9 @@ def test_the_plan_prints_every_path_resolved_against_the_current_folder(tmp_path
     found = scan(DataOptions(train_data_dir="d", resolution=256), log=False)
     plan = RunPlan(Path("out"), None, None, found, "owner/model", None, 0)
     cfg = {"transformer": None, "base_lora": "owner/repo/file.safetensors", "sample_prompts": "p.txt",
-           "dataset_config": None, "cache_dir": "c"}
+           "dataset_config": None, "cache_dir": "c", "sample_every_n_steps": 10}
     assert plan.paths(cfg) == (f"paths: data {tmp_path / 'd'}; model owner/model; base_lora owner/repo/file.safetensors; "
                                f"sample_prompts {tmp_path / 'p.txt'}; cache_dir {tmp_path / 'c'}; "
                                f"output {tmp_path / 'out'}")
+    cfg["sample_every_n_steps"] = 0  # samples off: the prompts file is not read, so not listed
+    assert "sample_prompts" not in plan.paths(cfg)

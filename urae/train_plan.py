@@ -52,6 +52,8 @@ class RunPlan:
         model = Path(self.model_location)
         items = [("data", ", ".join(dirs)), ("model", model.resolve() if model.exists() else self.model_location)]
         for key in ("transformer", "base_lora", "sample_prompts", "dataset_config", "cache_dir"):
+            if key == "sample_prompts" and not (cfg.get("sample_every_n_steps") or cfg.get("sample_at_first")):
+                continue  # not read when no samples are drawn
             p = Path(cfg[key]).expanduser() if cfg.get(key) else None
             if p is not None:  # a hub file (owner/repo/file) stays as written
                 items.append((key, p.resolve() if p.exists() or key == "cache_dir" else cfg[key]))
