@@ -404,6 +404,9 @@ def test_impossible_memory_settings_are_refused_in_the_plan(tiny_flux_dir, data_
                 capsys, "at most 3")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--gradient_checkpointing", "false", "--offload_activations"),
                 capsys, "needs gradient_checkpointing")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "disk", "--checkpoint_segments", "2"),
+                capsys, "choose one")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "dsk"), capsys, "is not a valid bool")
 
 
 @pytest.mark.slow
@@ -415,9 +418,12 @@ def test_resume_with_other_memory_options_continues_the_same_run(tiny_flux_dir, 
     assert main(args(tiny_flux_dir, data_dir, full, *common)) == 0
     cut = tmp_path / "cut"
     assert main(args(tiny_flux_dir, data_dir, cut, *common, "--max_train_steps", "2", "--blocks_to_swap", "2",
-                     "--offload_activations")) == 0
-    assert "memory: blocks_to_swap = 2, offload_activations" in capsys.readouterr().out
-    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto")) == 0
+                     "--offload_activations", "disk", "--activation_dir", str(tmp_path / "act"))) == 0
+    assert "memory: blocks_to_swap = 2, offload_activations = disk" in capsys.readouterr().out
+    assert list((tmp_path / "act").iterdir()) == []  # the activation file is gone
+    rows = [json.loads(x) for x in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["memory"]["weight_loads"] == 2 * 2 - 1 and r["memory"]["disk_bytes"] > 0 for r in rows)
+    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto", "--checkpoint_segments", "2")) == 0
     a, b = load_file(full / "urae_demo.safetensors"), load_file(cut / "urae_demo.safetensors")
     mid = load_file(full / "state-0000002" / "adapter.safetensors")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)

@@ -84,9 +84,15 @@ OPTIONS = [
            "(lossless; needs gradient_checkpointing)"),
     Option("fp8_base", bool, None, "store the frozen base weights as float8 e4m3, upcast per layer (lossy: see the "
            "README's fp8 note)"),
-    Option("offload_activations", bool, None, "checkpointed block inputs wait in host memory for backward (lossless)"),
-    Option("host_memory_budget", float, None, "memory = auto: GiB of pinned host RAM one process may use for swapped "
-           "blocks and offloaded inputs (default: 70% of the machine's RAM shared by its processes)"),
+    Option("offload_activations", bool, None, "checkpointed block inputs wait in pinned host memory for backward "
+           "(true), or in a file (disk: hundreds of TB written over a 4096² run, see the README); lossless",
+           choices=("disk",)),
+    Option("checkpoint_segments", int, None, "two-level checkpointing: keep one block input in k and rebuild the "
+           "others in backward (about one extra forward per step; lossless)"),
+    Option("activation_dir", str, None, "offload_activations = disk: the folder of its file, removed on exit "
+           "(default: the cache folder, else the output folder)"),
+    Option("host_memory_budget", float, None, "memory = auto: GiB of pinned host RAM one process may use for the "
+           "staging buffers and offloaded inputs (default: 70% of the machine's RAM shared by its processes)"),
 ]
 
 

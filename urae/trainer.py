@@ -205,7 +205,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
     plan = make_plan(cfg, is_main=main, world=accelerator.num_processes)
     plan.memory = resolve_memory(cfg, accelerator.device, plan.model_config, fsdp_requested(accelerator),
-                                 accelerator.num_processes)
+                                 accelerator.num_processes, plan.model_location)
     accelerator.wait_for_everyone()
     if main:
         if cfg["guidance_scale"] != 1.0:
@@ -287,6 +287,7 @@ class Model:
     trainable: list
     settings: HighResSettings
     fsdp: bool = False  # the base is sharded: every rank must run every forward (samples included)
+    memory: object = None  # urae.memory.MemoryHandle when memory options are active (transfer statistics)
 
 
 def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
@@ -318,12 +319,14 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
         if accelerator.is_main_process:
             print(f"FSDP: the frozen base is split over {accelerator.num_processes} processes, "
                   f"{human_bytes(sharded_bytes_per_rank(transformer))} of weights each", flush=True)
+    handle = None
     if plan.memory.active:  # after the SVD: the minor components come from the full-precision weights
         from urae.memory import setup_memory
 
-        setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"])
+        handle = setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"],
+                              disk_dir=plan.memory.disk_dir)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    return Model(transformer, network, trainable, settings, fsdp)
+    return Model(transformer, network, trainable, settings, fsdp, handle)
 
 
 def _optimizer(cfg, network):
@@ -437,6 +440,13 @@ def train_step(cfg, model: Model, stream: BatchStream, step: int, accelerator) -
     return total
 
 
+def _transfer_stats(handle) -> dict:
+    """This step's host <-> device and disk traffic of the memory options (empty when none is active)."""
+    if handle is None:
+        return {}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in handle.step_stats().items()}
+
+
 def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler, accelerator, tb: bool) -> int:
     from tqdm.auto import tqdm
 
@@ -512,13 +522,15 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             done = step + 1
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
             lr, dt = _current_lr(optimizer), time.perf_counter() - t0
+            moved = _transfer_stats(model.memory)
             if main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.3g}", s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4),
+                                        **({"memory": moved} if moved else {})}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss, "lr": lr}, step=done)
+                    accelerator.log({"loss": loss, "lr": lr, **{f"memory/{k}": v for k, v in moved.items()}}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
                 if main:
                     saver.state(done)
