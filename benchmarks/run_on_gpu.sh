@@ -64,6 +64,17 @@ bench() {
         | tee -a "$out/summary.txt"
 }
 
+# urae.memory's CUDA path: side-stream copies with injected delays, exact pinned bytes, a capped-GPU trainer step
+left=$(( budget - (SECONDS - start) ))
+if (( left >= 60 )) && [[ " ${extra[*]-} " != *" --cpu "* ]]; then
+    t0=$SECONDS
+    timeout -k 5 $(( left < 180 ? left : 180 )) "$py" -m pytest tests/test_memory_cuda.py -q -p no:cacheprovider 2>&1 \
+        | tee "$out/memory_cuda.log"
+    rc=${PIPESTATUS[0]}
+    (( rc == 0 )) || status=1
+    echo "memory_cuda: exit $rc after $(( SECONDS - t0 )) s" | tee -a "$out/summary.txt"
+fi
+
 # One line per benchmark, most important first (at most 3: $OUT brings back 8 files, 2 per benchmark + summary).
 bench infer 480 "$py" benchmarks/bench_infer_gpu.py
 
