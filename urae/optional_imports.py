@@ -9,8 +9,8 @@ with bitsandbytes) needs it.
 So the commands, once their settings are parsed and before diffusers is imported, mark it absent when
 the run does not need it (`sys.modules[name] = None`, the documented way to block an import:
 `importlib.util.find_spec` then answers None, and diffusers, transformers, accelerate and peft all take
-their "not installed" branch). Nothing is blocked in a process that has already imported one of those
-packages (a notebook, ComfyUI, the test process): their recorded availability would disagree.
+their "not installed" branch). Nothing is blocked in a process that has already imported diffusers,
+transformers or peft (a notebook, ComfyUI, the test process): the availability they recorded would disagree.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 _NAME = "bitsandbytes"
 # packages that record at import whether bitsandbytes is installed
-_RECORDERS = ("diffusers", "transformers", "peft", "accelerate")
+_RECORDERS = ("diffusers", "transformers", "peft")  # accelerate asks each time
 
 
 def defer_bitsandbytes() -> bool:
