@@ -344,6 +344,67 @@ def test_fp8_storage_generates_as_fp8_rounded_weights_do(tiny_flux_dir, trained_
     assert to_full.sum() > 10 * to_rounded.sum() + 1000, (to_full.sum(), to_rounded.sum())  # fp8 really applied
 
 
+def test_rope_scheme_from_the_flag_or_the_adapter_reaches_png_jsonl_and_plan(tiny_flux_dir, tmp_path, capsys):
+    """--rope dype-yarn at a 16:9 size past the base grid (base 256 px here, as 4096 x 2304 is past 1024): the
+    plan says the scheme and where it came from, PNG text and images.jsonl record it; an adapter trained under
+    a scheme makes it the default, and --rope still wins."""
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "1024", "--height", "576", "--steps", "1",
+                  "--rope", "dype-yarn", "--rope_base_resolution", "256")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "position scheme: dype-yarn (base 256, lambda 2) (from --rope)" in text
+    rec = json.loads((out / "images.jsonl").read_text())
+    assert rec["runtime"]["rope"] == "dype-yarn" and rec["runtime"]["rope_base_resolution"] == 256
+    assert json.loads(read_png_info(out / rec["file"])["runtime"])["rope"] == "dype-yarn"
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    trained = {"rope": "dype-ntk", "rope_base_resolution": 512, "dype_lambda": 1.5, "proportional_attention": True}
+    net = minor_lora.create_network(1.0, 4, 4.0, None, [], pipe.transformer, init="minor", targets="urae",
+                                    verbose="False", runtime=json.dumps(trained))
+    net.apply_to([], pipe.transformer, False, True)
+    lora = tmp_path / "dype.safetensors"
+    net.save_weights(str(lora), None, {})
+    rc, out = run(tmp_path / "b", tiny_flux_dir, "--lora", str(lora), "--prompt", "x", "--width", "1024",
+                  "--height", "576", "--steps", "1")
+    assert rc == 0 and "position scheme: dype-ntk (base 512, lambda 1.5) (from the adapter's metadata)" in \
+        capsys.readouterr().out
+    rt = json.loads((out / "images.jsonl").read_text())["runtime"]
+    assert {k: rt[k] for k in trained} == trained
+    rc, out = run(tmp_path / "c", tiny_flux_dir, "--lora", str(lora), "--prompt", "x", "--width", "1024",
+                  "--height", "576", "--steps", "1", "--rope", "none")
+    assert rc == 0 and json.loads((out / "images.jsonl").read_text())["runtime"]["rope"] == "none"
+
+
+def test_sizes_off_the_16_grid_are_refused_with_the_nearest(tiny_flux_dir, tmp_path, capsys):
+    rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "4100", "--height", "2304", "--rope", "yarn")
+    assert rc == 2
+    assert "the nearest valid width is 4096" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import re
+    import signal
+
+    import urae.sampling
+
+    real, calls = urae.sampling.generate, []
+
+    def ctrl_c_during_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the second image
+        return real(*a, **k)
+
+    monkeypatch.setattr(urae.sampling, "generate", ctrl_c_during_the_second)
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--num_images", "3", "--width", "64", "--height", "64")
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == [f"interrupted after 1 of 3 image(s); the 1 finished are kept in {out}"], err
+    assert len(list(out.glob("*.png"))) == 1 and len((out / "images.jsonl").read_text().splitlines()) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for whoever runs next
+
+
 def test_gpu_memory_line_uses_the_run_dtype_and_fp8():
     """The plan's GPU line (FLUX.1-dev figures, from urae.memory.generation's docstring) names the dtype used."""
     from types import SimpleNamespace

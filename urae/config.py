@@ -158,15 +158,21 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
 
 
 def resolve(options: list[Option], argv: list[str] | None, prog: str, description: str,
-            sections: tuple[str, ...] = ()) -> dict:
-    """Defaults < TOML (`--config`) < command line. Unknown keys anywhere are errors with a suggestion."""
+            sections: tuple[str, ...] = (), foreign: dict[str, str] | None = None) -> dict:
+    """Defaults < TOML (`--config`) < command line. Unknown keys anywhere are errors with a suggestion;
+    `foreign` maps other tools' names (sd-scripts' flags) to what they mean here, said instead of a guess."""
     by_name = {o.name: o for o in options}
     alias = {a: o.name for o in options for a in o.aliases}
+    foreign = foreign or {}
+
+    def hint(name: str, known) -> str:
+        return f": {foreign[name]}" if name in foreign else _suggest(name, known)
+
     ap = build_parser(prog, description, options)
     ns, unknown = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
-        ap.error(f"unknown option {flag}{_suggest(flag.lstrip('-').split('=')[0], list(by_name) + ['config'])}")
+        ap.error(f"unknown option {flag}{hint(flag.lstrip('-').split('=')[0], list(by_name) + ['config'])}")
     cli = vars(ns)
     cfg: dict[str, Any] = {o.name: o.default for o in options}
     sources = {o.name: "default" for o in options}
@@ -175,7 +181,7 @@ def resolve(options: list[Option], argv: list[str] | None, prog: str, descriptio
         for k, v in flatten_sections(read_toml(path), sections).items():
             k = alias.get(k, k)
             if k not in by_name:
-                raise ConfigError(f"{path}: unknown key {k!r}{_suggest(k, by_name)}")
+                raise ConfigError(f"{path}: unknown key {k!r}{hint(k, by_name)}")
             cfg[k] = _check_choice(by_name[k], _coerce(by_name[k], v, path, typed=True), path)
             sources[k] = "config"
     for k, v in cli.items():

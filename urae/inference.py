@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from urae.config import ConfigError, Option, check_ranges, format_table, resolve
+from urae.rope import SCHEMES
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -36,6 +39,10 @@ OPTIONS = [
            repeat=True),
     Option("lora_scale", list, [], "scale per --lora (one value applies to all)", repeat=True),
     Option("fuse_lora", bool, False, "merge the LoRAs into the weights instead of attaching them"),
+    Option("rope", str, None, "position scheme: ntk (URAE's), yarn, dype-yarn, dype-ntk (DyPE: patent pending for "
+           "commercial use), none (default: the adapter's, else ntk); see docs/runtime.md", choices=SCHEMES),
+    Option("rope_base_resolution", int, None, "yarn/dype: the size the model was trained at (default 1024)"),
+    Option("dype_lambda", float, None, "dype: strength sigma^lambda over the steps (default 2)"),
     Option("ntk_factor", float, None, "RoPE NTK factor (default: adapter metadata, else 10 at >= 2048)"),
     Option("proportional_attention", bool, None, "proportional attention (default: on at >= 2048)"),
     Option("shift", float, None, "static timestep shift (default: the scheduler config's, 3.0 dev)"),
@@ -163,17 +170,30 @@ def _check_two_stage(init_resolution: int, req, where: str) -> None:
 
 def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
     """Command line > adapter metadata > URAE defaults for the target size."""
-    explicit = {k: cfg[k] for k in ("ntk_factor", "proportional_attention", "shift") if cfg[k] is not None}
+    explicit = {k: cfg[k] for k in ("ntk_factor", "proportional_attention", "shift", "rope", "rope_base_resolution",
+                                    "dype_lambda") if cfg.get(k) is not None}
     if cfg["dynamic_shift"]:
         explicit["dynamic_shift"] = True
     try:
         if adapter_runtime:
-            keep = ("ntk_factor", "proportional_attention", "base_seq_len")
+            keep = ("ntk_factor", "proportional_attention", "base_seq_len", *ROPE_KEYS)
             base = {k: v for k, v in adapter_runtime.items() if k in keep}
+            if explicit.get("rope", base.get("rope", "ntk")) != base.get("rope", "ntk"):
+                base.pop("ntk_factor", None)  # another scheme than the file's: its NTK factor does not apply
             return HighResSettings.from_dict({**base, **explicit})
         return HighResSettings.for_resolution(req.width, req.height, **explicit)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+ROPE_KEYS = ("rope", "rope_base_resolution", "dype_lambda", "yarn_beta", "yarn_gamma")
+
+
+def rope_plan(settings: HighResSettings, cfg, adapter_runtime: dict | None) -> str:
+    """The plan's position-scheme line: which scheme, and where it came from."""
+    src = ("--rope" if cfg.get("rope") else "the adapter's metadata" if adapter_runtime and "rope" in adapter_runtime
+           else "the default")
+    return f"position scheme: {settings.describe_rope()} (from {src})"
 
 
 def memory_plan(cfg, requests, dtype: torch.dtype) -> str:
@@ -252,6 +272,20 @@ def _check_device(name: str | None) -> None:
         raise ConfigError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
 
 
+class Interrupted(Exception):
+    """Ctrl-C: the message says how far the run got and what of it is kept."""
+
+
+def _report_ctrl_c(progress) -> None:
+    """From now on Ctrl-C stops with `progress()` (how far the run got) instead of a traceback; every image is
+    written whole as soon as it is finished, so what is done is kept. `main` restores the handler."""
+    def stop(signum, frame):
+        raise Interrupted(progress())
+
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+        signal.signal(signal.SIGINT, stop)
+
+
 def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
@@ -275,6 +309,7 @@ def run(cfg: dict) -> list[Path]:
     adapter_runtime = next((r for r in map(runtime_from_metadata, metas) if r), None)
     for req in requests:  # bad runtime settings (--shift -1, …) are found now, not after loading
         runtime_settings(cfg, req, adapter_runtime)
+    plan.append(rope_plan(runtime_settings(cfg, requests[0], adapter_runtime), cfg, adapter_runtime))
     out_dir = Path(cfg["output_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
@@ -312,13 +347,15 @@ def run(cfg: dict) -> list[Path]:
     s0 = runtime_settings(cfg, first, adapter_runtime).with_scheduler_shift(pipe.scheduler)
     print(f"generating {len(requests)} image(s), first {first.width}x{first.height}, {first.steps} steps, "
           f"guidance {first.guidance}{f', CFG {first.cfg_scale}' if first.cfg_scale > 1 else ''}, "
-          f"ntk {s0.ntk_factor}, proportional attention {'on' if s0.proportional_attention else 'off'}, "
+          f"rope {s0.describe_rope()}, proportional attention {'on' if s0.proportional_attention else 'off'}, "
           f"shift {'dynamic' if s0.dynamic_shift else s0.shift}, "
           f"{len(loras)} LoRA(s){' fused' if cfg['fuse_lora'] and loras else ''}, on {placement}"
           f"{', two-stage from ' + str(cfg['init_resolution']) if two else ''} -> {out_dir}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     first_index = next_index(out_dir)
     written = []
+    _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
+        f"the {len(written)} finished are kept in {out_dir}" if written else "nothing was written"))
     bar = tqdm(total=total, unit="step", desc="generating")
     for i, req in enumerate(requests):
         req = fill_defaults(req, pipe.transformer)
@@ -356,6 +393,7 @@ def main(argv=None) -> int:
     from urae.optional_imports import defer_bitsandbytes, quantised_with_bitsandbytes
 
     setup_logging()
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         cfg = parse(argv)
         if not quantised_with_bitsandbytes(cfg["model"]):  # before diffusers imports it (urae.optional_imports)
@@ -365,4 +403,10 @@ def main(argv=None) -> int:
     except (ConfigError, ModelLoadError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)  # as the training command
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:  # on a line of its own: a progress bar may be cut mid-line
+        print(f"\ninterrupted {str(e) or 'before the first image; nothing was written'}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_ctrl_c)
     return 0

@@ -80,6 +80,15 @@ class HighResSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def describe_rope(self) -> str:
+        """The position scheme in words, for plan lines."""
+        if self.rope == "ntk":
+            return f"ntk x{self.ntk_factor:g}" if self.ntk_factor != 1 else "ntk x1 (stock RoPE)"
+        if self.rope == "none":
+            return "none (stock RoPE)"
+        extra = f", lambda {self.dype_lambda:g}" if self.rope in DYNAMIC_SCHEMES else ""
+        return f"{self.rope} (base {self.rope_base_resolution}{extra})"
+
     @property
     def rope_params(self) -> RopeParams:
         return RopeParams(self.rope_base_resolution, float(self.dype_lambda), self.yarn_beta, self.yarn_gamma)

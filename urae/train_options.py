@@ -10,6 +10,35 @@ DATA_KEYS = ("train_data_dir", "dataset_config", "caption_extension", "real_prom
              "bucket_mode", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
              "random_crop", "cache_dir", "cache_only")
 
+_CACHED = "not needed: latents and text embeddings are always cached on disk (cache_dir; --cache_only builds them)"
+_SDPA = "not needed: attention always runs through PyTorch's scaled_dot_product_attention"
+_MEMORY = "not needed: memory = auto picks blocks_to_swap / offload_activations / fp8_base for your GPU"
+_ONLY_TRANSFORMER = "not needed: only the transformer is trained (text embeddings are cached); use learning_rate"
+_SEPARATE_FILES = ("not needed: the VAE and text encoders come from pretrained_model_name_or_path (a diffusers "
+                   "folder or hub id); a single-file transformer goes in transformer")
+# sd-scripts' flags that have no key of the same name here, with what to use instead: said in place of a guess
+SD_SCRIPTS_FLAGS = {
+    "sdpa": _SDPA, "xformers": _SDPA, "mem_eff_attn": _SDPA, "flash_attn": _SDPA,
+    "cache_latents": _CACHED, "cache_latents_to_disk": _CACHED, "cache_text_encoder_outputs": _CACHED,
+    "cache_text_encoder_outputs_to_disk": _CACHED, "vae_batch_size": "not needed: latents are cached one image "
+    "at a time (split into row chunks above 2048²)",
+    "network_weights": "use resume = auto (or a state folder) to continue a run, or base_lora to train on top of "
+    "a finished LoRA",
+    "dim_from_weights": "not needed: resume reads the rank from the state; base_lora may have any rank",
+    "network_train_unet_only": _ONLY_TRANSFORMER, "unet_lr": _ONLY_TRANSFORMER, "text_encoder_lr": _ONLY_TRANSFORMER,
+    "ae": _SEPARATE_FILES, "clip_l": _SEPARATE_FILES, "t5xxl": _SEPARATE_FILES,
+    "max_train_epochs": "use max_train_steps", "save_every_n_epochs": "use save_every_n_steps",
+    "sample_every_n_epochs": "use sample_every_n_steps", "sample_sampler": "not needed: samples use FLUX's "
+    "flow-matching Euler sampler", "save_last_n_epochs": "use save_last_n_steps",
+    "save_state": "not needed: every save_every_n_steps save writes a training state (resume = auto continues it)",
+    "save_model_as": "not needed: adapters are always .safetensors", "full_bf16": "use mixed_precision = bf16",
+    "highvram": _MEMORY, "lowvram": _MEMORY, "split_mode": _MEMORY, "cpu_offload_checkpointing": _MEMORY,
+    "apply_t5_attn_mask": "not supported: as in FLUX.1's own pipeline, padding tokens are attended to",
+    "max_token_length": "use t5_max_length", "output_config": "not needed: train_config.toml in output_dir holds "
+    "every resolved key",
+    "model_prediction_type": "not needed: the model predicts URAE's flow-matching target (noise - x0)",
+}
+
 OPTIONS = [
     # model
     Option("pretrained_model_name_or_path", str, "black-forest-labs/FLUX.1-dev", "FLUX.1 diffusers folder or hub id"),

@@ -17,7 +17,7 @@ from urae.train_options import DATA_KEYS
 # Bytes a state and the adapter file take, per trainable parameter: fp32 factors + frozen copies, and the
 # optimizer's fp32 moments (Prodigy keeps ~4 tensors per parameter, AdamW 2).
 _ADAPTER_BYTES_PER_PARAM = 8
-_OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4}
+_OPTIMIZER_BYTES_PER_PARAM = {"prodigy": 16, "adamw": 8, "adamw8bit": 2, "adafactor": 4, "sgd": 0}
 # Above this share of images without a usable caption a run is refused unless allow_missing_captions is set:
 # a wrong caption_extension (or a folder of captionless images) would otherwise train on empty prompts.
 MISSING_CAPTION_SHARE = 0.05

@@ -34,24 +34,26 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     clear_run,
+    forget_unstarted_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
+    run_started,
     save_state,
     state_dir,
     truncate_log,
 )
 from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
-from urae.config import ConfigError, format_table, resolve, to_toml
+from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
 from urae.optional_imports import defer_bitsandbytes
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
 from urae.train_plan import RunPlan, make_plan
 from urae.train_sync import (
     BatchStream,
@@ -71,10 +73,24 @@ class TrainingStopped(RuntimeError):
     """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C outside the training loop (which saves a state instead); the message says what is kept."""
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(what: str):
+    """A Ctrl-C in this phase becomes one line saying what of the work is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+
+
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
-                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"))
+                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"),
+                  foreign=SD_SCRIPTS_FLAGS)
     check(cfg)
     return cfg
 
@@ -201,6 +217,16 @@ def _tensorboard(cfg) -> bool:
     return True
 
 
+def config_line(cfg: dict, out_dir: Path) -> str:
+    """One line in place of the whole resolved config: where it came from and where all of it is written."""
+    sources = cfg.get("_sources", {})
+    changed = [k for k, v in sources.items() if v != "default"]
+    origin = " + ".join(x for x in (cfg.get("_config_file"), "command line" if "command line" in sources.values()
+                                    else None) if x) or "defaults"
+    return (f"config: {origin} ({len(changed)} of {len(sources)} keys set); every resolved key is written to "
+            f"{out_dir / RUN_MARKER} when training starts")
+
+
 def plan_stage(cfg, accelerator) -> RunPlan:
     main = accelerator.is_main_process
     if cfg["demo"] and main:
@@ -218,11 +244,11 @@ def plan_stage(cfg, accelerator) -> RunPlan:
             log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
                         f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        print("training config:\n" + format_table(cfg), flush=True)
+        print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
-        if cfg["overwrite"] and plan.resume_path is None:
-            clear_run(plan.out_dir, cfg["output_name"])
+        if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
+            clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
         remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
     return plan
@@ -568,12 +594,26 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint). A run that
+    fails before saving anything leaves no trace that would refuse the next one."""
+    out_dir = Path(cfg["output_dir"])
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            forget_unstarted_run(out_dir, cfg["output_name"], created)
+        raise
+
+
+def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
-    plan = plan_stage(cfg, accelerator)
+    with _on_ctrl_c("during the checks; nothing was written"):
+        plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
-    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    with _on_ctrl_c("while caching; the cache files finished so far are kept, and the next run reuses them"):
+        caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -581,8 +621,9 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
-    model = model_stage(cfg, plan, transformer, accelerator)
+    with _on_ctrl_c("while loading the model, before the first step; the caches are complete and kept"):
+        transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+        model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -611,3 +652,9 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar may have been cut short mid-line
+            print(f"\ninterrupted {str(e) or 'by Ctrl-C; the files finished before it are kept'}", file=sys.stderr,
+                  flush=True)
+        return 130
