@@ -49,6 +49,7 @@ from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
 from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
+from urae.optional_imports import defer_bitsandbytes
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
@@ -655,7 +656,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return train(parse(argv))
+        cfg = parse(argv)
+        if cfg["optimizer_type"] != "adamw8bit":  # before diffusers imports it (see urae.optional_imports)
+            defer_bitsandbytes()
+        return train(cfg)
     except _user_errors() as e:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
