@@ -356,6 +356,8 @@ def test_files_record_the_settings_to_generate_with():
     assert inference_settings({"resolution": "1024"}, stock) == stock
     four_k = HighResSettings(10.0, True)
     assert inference_settings({"resolution": "4096"}, four_k) is four_k
+    dype = HighResSettings(rope="dype-yarn")  # another scheme is what the file is for, at any size
+    assert inference_settings({"resolution": "2048"}, dype) is dype
 
 
 def _fails_fast(argv, capsys, match: str):
@@ -662,3 +664,46 @@ def test_a_run_that_fails_before_saving_anything_does_not_block_the_next(tiny_fl
     (out / "train_config.toml").write_text("")
     (out / "train_log.jsonl").write_text('{"step": 1}\n')
     check_output_dir(out, resuming=False, overwrite=False, output_name="urae_demo")
+
+
+def test_training_under_dype_records_the_scheme_and_the_file_drives_it(tiny_flux_dir, data_dir, tmp_path, capsys):
+    """rope = dype-yarn (base 128 px: the 256 px demo images are past it, as 4K is past 1024): every sample of a
+    batch brings its own noise level to the tables, samples use the scheme, and the file's metadata makes it
+    the scheme of flux_urae_infer.py."""
+    from urae.inference import main as infer
+    from urae.outputs import read_png_info
+    from urae.runtime import SchemePosEmbed
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 256 --h 128 --s 2\n")
+    out = tmp_path / "d"
+    seen = []
+
+    def spy(module, inputs, output):
+        if isinstance(module, SchemePosEmbed) and torch.is_grad_enabled():
+            seen.append((list(module.sigmas), output[0].shape))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(spy)
+    try:
+        assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "2", "--sample_prompts", str(prompts),
+                         "--sample_every_n_steps", "2", "--rope", "dype-yarn", "--rope_base_resolution", "128")) == 0
+    finally:
+        handle.remove()
+    assert "rope dype-yarn (base 128, lambda 2)" in capsys.readouterr().out
+    assert len(seen) == 2 and all(len(s) == 2 and s[0] != s[1] and shape[0] == 2 for s, shape in seen), seen
+    assert json.loads(read_png_info(out / "samples" / "0000002_00.png")["runtime"])["rope"] == "dype-yarn"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "urae_demo.safetensors"), "pt") as f:
+        runtime = json.loads(f.metadata()["urae_runtime"])
+    assert runtime["rope"] == "dype-yarn" and runtime["rope_base_resolution"] == 128
+    imgs = tmp_path / "imgs"
+    assert infer(["--model", str(tiny_flux_dir), "--lora", str(out / "urae_demo.safetensors"), "--prompt", "x",
+                  "--width", "256", "--height", "128", "--steps", "1", "--output_dir", str(imgs)]) == 0
+    assert "position scheme: dype-yarn (base 128, lambda 2) (from the adapter's metadata)" in capsys.readouterr().out
+    assert json.loads((imgs / "images.jsonl").read_text())["runtime"]["rope"] == "dype-yarn"
+
+
+def test_a_wrong_rope_is_refused_before_anything_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
+    _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--rope", "yarn", "--ntk_factor", "10"), capsys,
+                "ntk_factor 10 is for rope = ntk")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urae.config import ConfigError, Option, check_ranges
 from urae.flow import TIMESTEP_SAMPLING, TRAIN_GUIDANCE
 from urae.optim import OPTIMIZERS, SCHEDULERS
+from urae.rope import SCHEMES
 
 DATA_KEYS = ("train_data_dir", "dataset_config", "caption_extension", "real_prompt_ratio", "resolution",
              "bucket_mode", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
@@ -75,6 +76,11 @@ OPTIONS = [
     # high-res runtime
     Option("ntk_factor", float, 1.0, "RoPE theta = 10000 x ntk_factor"),
     Option("proportional_attention", bool, False, "softmax scale sqrt(log N / log 4608) / sqrt(d)"),
+    Option("rope", str, "ntk", "position scheme in training and in the file's metadata: ntk (URAE's, theta x "
+           "ntk_factor), yarn, dype-yarn, dype-ntk (DyPE: patent pending for commercial use), none; "
+           "see docs/runtime.md", choices=SCHEMES),
+    Option("rope_base_resolution", int, 1024, "yarn/dype: the size the base model was trained at"),
+    Option("dype_lambda", float, 2.0, "dype: strength sigma^lambda of each sample's noise level"),
     # objective
     Option("guidance_scale", float, TRAIN_GUIDANCE, "guidance embedding in training: must be 1 for FLUX.1-dev"),
     Option("allow_training_guidance", bool, False, "expert override: train with guidance_scale != 1"),
@@ -133,7 +139,7 @@ OPTIONS = [
 
 # Every numeric key's range, checked before anything runs: key -> (lowest, lowest allowed, highest or None).
 RANGES = {
-    **{k: (0, False, None) for k in ("learning_rate", "network_alpha", "ntk_factor", "sigmoid_scale",
+    **{k: (0, False, None) for k in ("learning_rate", "network_alpha", "ntk_factor", "sigmoid_scale", "dype_lambda",
                                      "discrete_flow_shift", "host_memory_budget")},
     **{k: (1, True, None) for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                                     "network_dim", "t5_max_length", "sample_steps")},
@@ -152,6 +158,7 @@ def check(cfg: dict) -> None:
             f"with the guidance embedding fixed at 1 (paper §3.4); use 3.5 only at inference. Set "
             f"allow_training_guidance = true to override (expert use).")
     check_ranges(cfg, RANGES)
+    runtime_settings(cfg)
     if not cfg["train_data_dir"] and not cfg["dataset_config"]:
         raise ConfigError("no training data: set train_data_dir (a folder) or dataset_config (an sd-scripts TOML)")
     if (cfg["sample_every_n_steps"] or cfg["sample_at_first"]) and not cfg["sample_prompts"]:
@@ -161,6 +168,18 @@ def check(cfg: dict) -> None:
                           f"use constant_with_warmup (or cosine)")
     if cfg["sample_prompts"] and (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
         check_sample_prompts(cfg)
+
+
+def runtime_settings(cfg: dict):
+    """The high-res runtime a run trains (and samples) under."""
+    from urae.runtime import HighResSettings
+
+    try:
+        return HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"],
+                               rope=cfg["rope"], rope_base_resolution=cfg["rope_base_resolution"],
+                               dype_lambda=cfg["dype_lambda"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_sample_prompts(cfg: dict) -> None:

@@ -53,7 +53,7 @@ from urae.optional_imports import defer_bitsandbytes
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs, runtime_settings
 from urae.train_plan import RunPlan, make_plan
 from urae.train_sync import (
     BatchStream,
@@ -150,7 +150,7 @@ def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
     """What a file should be generated with: the training runtime when it was changed (the 4K recipe), else
     URAE's defaults at the trained size (the 2K recipe trains with stock RoPE but generates with NTK 10 and
     proportional attention, as the public URAE inference does)."""
-    if training.ntk_factor != 1 or training.proportional_attention:
+    if training.ntk_factor != 1 or training.proportional_attention or training.rope != "ntk":
         return training
     w, h = _parse_size(cfg["resolution"])
     return HighResSettings.for_resolution(w, h)
@@ -170,7 +170,7 @@ def _base_lora_record(spec: str) -> dict:
 def _adapter_metadata(cfg, step: int) -> dict:
     recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "resolution",
                                   "real_prompt_ratio", "timestep_sampling", "optimizer_type", "learning_rate",
-                                  "ntk_factor", "proportional_attention",
+                                  "ntk_factor", "proportional_attention", "rope",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
     if cfg["base_lora"]:
         recipe["base_lora"] = _base_lora_record(cfg["base_lora"])
@@ -330,7 +330,7 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
         transformer.to(device)
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
-    settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
+    settings = runtime_settings(cfg)
     module = importlib.import_module(cfg["network_module"])
     kwargs = network_kwargs(cfg)
     known = getattr(module, "KNOWN_ARGS", None)  # the plan stage already warned about the others
@@ -518,7 +518,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     if main:
         print(f"training {cfg['max_train_steps'] - start} step(s) (from {start}) on {world} process(es), "
               f"{len(caches.entries)} image(s), {human_count(sum(p.numel() for p in trainable))} trainable parameters, "
-              f"ntk {settings.ntk_factor}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
+              f"rope {settings.describe_rope()}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
               f"guidance {cfg['guidance_scale']}, {'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision} "
               f"on {device}", flush=True)
     if tb:
