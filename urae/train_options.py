@@ -116,6 +116,12 @@ OPTIONS = [
     Option("sample_at_first", bool, False, "also make samples before training"),
     Option("sample_resolution", str, None, "sample size 'W,H' (default: the base resolution)"),
     Option("sample_steps", int, None, "sample denoising steps (default 28 dev, 4 schnell)"),
+    Option("validation_prompts", str, None, "prompts file for validation images (fixed seeds, training resolution; "
+           "e.g. presets/eval_prompts.txt)"),
+    Option("validation_every_n_steps", int, None, "make and score validation images every N steps (and at step 0); "
+           "values go to train_log.jsonl and TensorBoard as validation/<metric>"),
+    Option("validation_metrics", str, "detail", "comma-separated image metrics of flux_urae_eval.py (default: the "
+           "weight-free detail metric, so nothing is downloaded)"),
     Option("log_with", str, None, "tensorboard (when installed); unset = none", choices=("tensorboard", "none")),
     Option("logging_dir", str, None, "TensorBoard folder (default <output_dir>/logs)"),
     # GPU memory (urae.memory); explicit keys override what memory = auto chose
@@ -144,7 +150,8 @@ RANGES = {
     **{k: (1, True, None) for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                                     "network_dim", "t5_max_length", "sample_steps")},
     **{k: (0, True, None) for k in ("lr_warmup_steps", "max_grad_norm", "seed", "guidance_scale", "blocks_to_swap",
-                                    "save_every_n_steps", "sample_every_n_steps", "save_last_n_steps")},
+                                    "save_every_n_steps", "sample_every_n_steps", "save_last_n_steps",
+                                    "validation_every_n_steps")},
     **{k: (16, True, None) for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")},
     "real_prompt_ratio": (0, True, 1),
 }
@@ -168,6 +175,9 @@ def check(cfg: dict) -> None:
                           f"use constant_with_warmup (or cosine)")
     if cfg["sample_prompts"] and (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
         check_sample_prompts(cfg)
+    from urae.eval import validation
+
+    validation.check(cfg)
 
 
 def runtime_settings(cfg: dict):

@@ -89,7 +89,7 @@ def _on_ctrl_c(what: str):
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
-                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"),
+                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample", "validation"),
                   foreign=SD_SCRIPTS_FLAGS)
     check(cfg)
     return cfg
@@ -289,11 +289,13 @@ def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
 
 
 def _sample_prompts(cfg) -> list[dict]:
+    """Sample prompts, then validation prompts (marked `validation`): their embeddings are cached alike."""
+    from urae.eval.validation import records
     from urae.prompts import read_prompts
 
     if not cfg["sample_prompts"] or not (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
-        return []
-    return list(read_prompts(cfg["sample_prompts"]))
+        return records(cfg)
+    return list(read_prompts(cfg["sample_prompts"])) + records(cfg)
 
 
 def load_for_training(cfg, plan: RunPlan, weight_dtype, sampling: bool):
@@ -427,7 +429,8 @@ class Saver:
 
 
 def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, settings, device, rank: int = 0,
-                 world: int = 1, main: bool = True, write: bool = True) -> list[Path]:
+                 world: int = 1, main: bool = True, write: bool = True, folder: str = "samples",
+                 size: str | None = None) -> list[Path]:
     """This rank's share of the sample prompts (prompt k of the file is `prompts[k // world]` on rank k % world)."""
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
@@ -438,13 +441,13 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
     transformer, vae, scheduler = parts
     pipe = FluxPipeline(scheduler=scheduler, vae=vae.to(device), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    w, h = _parse_size(cfg["sample_resolution"] or cfg["resolution"])
+    w, h = _parse_size(size or cfg["sample_resolution"] or cfg["resolution"])
     used = settings.with_scheduler_shift(scheduler)  # what the images record: the shift actually applied
     was_training = network.training
     network.eval()
     paths = []
     try:
-        for j, rec in enumerate(tqdm(prompts, desc=f"samples at step {step}", unit="image", leave=False,
+        for j, rec in enumerate(tqdm(prompts, desc=f"{folder} at step {step}", unit="image", leave=False,
                                      disable=not main)):
             i = j * world + rank
             req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
@@ -454,15 +457,15 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
             img = generate(pipe, req, used, prompt_embeds=tuple(t.to(device) for t in rec["embeds"]),
                            negative_embeds=None if neg is None else tuple(t.to(device) for t in neg))
             if write:
-                paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
+                paths.append(save_png(img, out_dir / folder, f"{step:07d}_{i:02d}",
                                       {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
                                        "height": req.height, "cfg_scale": req.cfg_scale, "runtime": used.to_dict()}))
     finally:
         network.train(was_training)
         vae.to("cpu")
     if main and paths:
-        print(f"samples of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
-              f"{out_dir / 'samples'}", flush=True)
+        print(f"{folder} of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
+              f"{out_dir / folder}", flush=True)
     return paths
 
 
@@ -525,16 +528,38 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
         accelerator.init_trackers("urae", config={k: v for k, v in cfg.items()
                                                   if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
     parts = (model.transformer, vae, scheduler)
+    checks = [p for p in prompts if p.get("validation")]
+    prompts = [p for p in prompts if not p.get("validation")]
 
-    def samples(step):
+    def samples(step, recs=prompts, **kw):
         if model.fsdp:  # sharded blocks need every rank in each forward: all ranks draw every sample, one writes
-            make_samples(cfg, parts, prompts, step, plan.out_dir, network, settings, device, write=main, main=main)
+            make_samples(cfg, parts, recs, step, plan.out_dir, network, settings, device, write=main, main=main, **kw)
         else:
-            make_samples(cfg, parts, prompts[rank::world], step, plan.out_dir, network, settings, device, rank, world,
-                         main=main)
+            make_samples(cfg, parts, recs[rank::world], step, plan.out_dir, network, settings, device, rank, world,
+                         main=main, **kw)
         accelerator.wait_for_everyone()
 
     log_path = plan.out_dir / "train_log.jsonl"
+    metrics = None
+    if checks and main:
+        from urae.eval.validation import metrics_for, score_step
+
+        metrics = metrics_for(cfg)
+
+    def validate(step):
+        """Validation images at the training resolution, scored on the main process, logged like the loss."""
+        samples(step, checks, folder="validation", size=cfg["resolution"])
+        if main:
+            values = score_step(metrics, plan.out_dir, step)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if tb:
+                accelerator.log(values, step=step)
+            print(f"validation at step {step}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4g}"
+                                                            for k, v in values.items()), flush=True)
+        accelerator.wait_for_everyone()
+
+    every = cfg["validation_every_n_steps"] if checks else None
     network.train()
     bar = tqdm(total=cfg["max_train_steps"], initial=start, disable=not main, unit="step", desc="training",
                dynamic_ncols=True)
@@ -544,6 +569,8 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
         interrupt = stack.enter_context(_InterruptFlag())
         if cfg["sample_at_first"] and prompts and start == 0:
             samples(0)
+        if every and start == 0:  # the base model's values: where the curves start
+            validate(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
                 saver.state(step)
@@ -585,12 +612,16 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
                 accelerator.wait_for_everyone()
             if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
                 samples(done)
+            if every and done % every == 0:
+                validate(done)
         bar.close()
         saver.agree("after training")
         if main:
             save_stage(cfg, plan, saver, world)
         if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
             samples(cfg["max_train_steps"])
+        if every and cfg["max_train_steps"] % every:
+            validate(cfg["max_train_steps"])
     return 0
 
 
