@@ -83,6 +83,7 @@ def test_cpu_backends_equal_the_plain_run(tiny_flux_dir, plain, tmp_path, backen
     assert json.loads(read_png_info(out / "00000_3.png")["speed"]) == {"attention_backend": backend}
 
 
+@pytest.mark.slow  # tracing the blocks: 20-60 s on 2 shared cores
 def test_regional_compile_equals_the_plain_run_and_is_traced_once(tiny_flux_dir, plain, tmp_path):
     """aot_eager: dynamo's real tracing of the blocks, hooks and scaled dispatch, without inductor's C++ build
     (which the slow test below runs). A second image must reuse the traced blocks, not trace them again."""
@@ -125,6 +126,7 @@ def lora(tiny_flux_dir, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # tracing the blocks: 20-60 s on 2 shared cores
 def test_lora_and_fp8_compose_with_backend_and_compile(tiny_flux_dir, lora, plain, tmp_path):
     base = ["--lora", str(lora), "--fp8"]
     ref = generate(tmp_path, tiny_flux_dir, "lora_fp8", *base)
@@ -220,6 +222,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes importing diffusers: ~40 s on 2 cores
 def test_context_parallel_on_two_processes_equals_one(tiny_flux_dir, plain, tmp_path):
     """Ulysses over two gloo processes, torchrun's environment: each process holds half of the text and image
     tokens; proportional attention must still use the whole sequence's length."""
