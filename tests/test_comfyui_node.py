@@ -1,10 +1,11 @@
 """The ComfyUI nodes (comfyui_urae/) against ComfyUI's own FLUX model, LoRA loader, patcher and sampler.
 
 ComfyUI v0.8.0 is vendored in ../shared/vendor (it is not on the package registry); tests that need it
-skip only where that folder is absent. Equality is with our diffusers forward under `apply_highres`.
+skip where that folder is absent, and fail at collection when URAE_REQUIRE_COMFYUI=1 (CI sets it). Equality is with our diffusers forward under `apply_highres`.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from urae.tiny import (
 
 VENDOR = Path(__file__).resolve().parents[1].parent / "shared" / "vendor"
 COMFYUI = VENDOR / "ComfyUI-0.8.0"
+# CI sets URAE_REQUIRE_COMFYUI=1: there a missing vendor folder fails these tests instead of skipping them
+if not COMFYUI.is_dir() and os.environ.get("URAE_REQUIRE_COMFYUI", "") not in ("", "0"):
+    raise RuntimeError(f"URAE_REQUIRE_COMFYUI is set but ComfyUI's code is not at {COMFYUI}")
 needs_comfyui = pytest.mark.skipif(not COMFYUI.is_dir(), reason=f"ComfyUI's code is not at {COMFYUI}")
 TOL = 1e-5  # fp32 rounding of two implementations of the same network (stock: ~5e-7)
 SEED = 1

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from urae.common import free_port
 from urae.data.synthetic import write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +18,7 @@ def _launch(model, data, cache, stats):
     # (`--cpu` alone would start a single process unless MPI is configured).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "urae.data", "--model", str(model),
+           "--main_process_port", "0", "-m", "urae.data", "--model", str(model),
            "--train_data_dir", str(data), "--cache_dir", str(cache), "--resolution", "64",
            "--stats_json", str(stats), "--no_progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

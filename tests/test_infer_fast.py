@@ -33,7 +33,7 @@ def generate(tmp_path, model, name, *extra):
 
 
 def pixels(out):
-    return np.asarray(Image.open(out / "00000_3.png"), dtype=np.int16)
+    return np.asarray(Image.open(out / "00000_3_384x256.png"), dtype=np.int16)
 
 
 def max_diff(a, b):
@@ -80,7 +80,7 @@ def test_backend_choices_are_the_installed_diffusers_registry():
 def test_cpu_backends_equal_the_plain_run(tiny_flux_dir, plain, tmp_path, backend):
     out = generate(tmp_path, tiny_flux_dir, backend, "--attention_backend", backend)
     assert same(out, plain[0])
-    assert json.loads(read_png_info(out / "00000_3.png")["speed"]) == {"attention_backend": backend}
+    assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"attention_backend": backend}
 
 
 @pytest.mark.slow  # tracing the blocks: 20-60 s on 2 shared cores
@@ -96,7 +96,7 @@ def test_regional_compile_equals_the_plain_run_and_is_traced_once(tiny_flux_dir,
     assert rc == 0
     assert same(out, plain[0])
     assert counters["stats"]["unique_graphs"] <= 4  # 2 block kinds, each re-traced at most once for strides
-    assert json.loads(read_png_info(out / "00000_3.png")["speed"]) == {"compile": "aot_eager"}
+    assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"compile": "aot_eager"}
     torch._dynamo.reset()
 
 
@@ -239,7 +239,7 @@ def test_context_parallel_on_two_processes_equals_one(tiny_flux_dir, plain, tmp_
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
     assert "speed: context parallel ulysses over 2 processes (process 0 writes)" in logs[0]
     assert "speed:" not in logs[1]  # process 1 prints no plan
-    assert sorted(p.name for p in out.iterdir()) == ["00000_3.png", "images.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000_3_384x256.png", "images.jsonl"]
     assert len((out / "images.jsonl").read_text().splitlines()) == 1  # one writer
     assert same(out, plain[0])
-    assert json.loads(read_png_info(out / "00000_3.png")["speed"]) == {"context_parallel": "ulysses 2"}
+    assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"context_parallel": "ulysses 2"}

@@ -91,6 +91,26 @@ def check_adapter_file(path: str | os.PathLike) -> dict:
     return meta
 
 
+def check_adapter_fits(path: str | os.PathLike, model_config: dict | None) -> None:
+    """The file's modules and shapes against the transformer that `model_config` (its config.json) describes,
+    built on the meta device (no memory, no weights): a LoRA for another architecture or width is refused
+    before any model loads, by the same key map that attaches it later. No config (a hub model not downloaded
+    yet): the check happens when the model is attached."""
+    if model_config is None:
+        return
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from networks import minor_lora
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(model_config)
+    try:
+        minor_lora.create_network_from_weights(1.0, str(path), None, [], transformer, for_inference=True)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise AdapterError(f"cannot apply LoRA {path} to this model: {e}") from e
+
+
 def runtime_from_metadata(meta: dict) -> dict | None:
     """The high-res settings a file was trained with, if it recorded them."""
     raw = meta.get(RUNTIME_METADATA_KEY)

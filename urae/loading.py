@@ -16,6 +16,7 @@ import torch
 from urae.common import dtype_from_name, parse_bool
 from urae.flux_keys import bfl_to_diffusers, is_bfl_flux, is_diffusers_flux, strip_bfl_prefix
 from urae.io import read_safetensors_header
+from urae.quantised import describe, quantised_weights
 
 log = logging.getLogger("urae")
 
@@ -118,6 +119,14 @@ def load_transformer_file(path: str | os.PathLike, config_location: str, dtype: 
         sample = ", ".join(sorted(keys)[:3])
         raise ModelLoadError(f"{path} is not a FLUX.1 transformer checkpoint (keys like {sample}); expected BFL "
                              f"keys (double_blocks.N.img_attn.qkv.weight, …) or diffusers ones (transformer_blocks.…)")
+    quantised = quantised_weights(path)  # from the header, before any tensor is read
+    unscaled = {d for d in quantised if not d.startswith("float8_e")}
+    if unscaled:
+        raise ModelLoadError(f"{path} stores {describe(quantised)}: quantised with scales this loader does not "
+                             f"apply; use a bf16/fp32 or a plain float8 FLUX.1 file")
+    if quantised:
+        log.info(f"transformer: {path.name} stores {describe(quantised)}; upcast to "
+                 f"{str(dtype).replace('torch.', '')} to compute (their rounding stays)")
     try:
         config = FluxTransformer2DModel.load_config(config_location, subfolder="transformer")
     except OSError as e:

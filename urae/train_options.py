@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
-from urae.config import ConfigError, Option
+from urae.config import ConfigError, Option, check_ranges
 from urae.flow import TIMESTEP_SAMPLING, TRAIN_GUIDANCE
 from urae.optim import OPTIMIZERS, SCHEDULERS
 
 DATA_KEYS = ("train_data_dir", "dataset_config", "caption_extension", "real_prompt_ratio", "resolution",
              "bucket_mode", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
              "random_crop", "cache_dir", "cache_only")
+
+_CACHED = "not needed: latents and text embeddings are always cached on disk (cache_dir; --cache_only builds them)"
+_SDPA = "not needed: attention always runs through PyTorch's scaled_dot_product_attention"
+_MEMORY = "not needed: memory = auto picks blocks_to_swap / offload_activations / fp8_base for your GPU"
+_ONLY_TRANSFORMER = "not needed: only the transformer is trained (text embeddings are cached); use learning_rate"
+_SEPARATE_FILES = ("not needed: the VAE and text encoders come from pretrained_model_name_or_path (a diffusers "
+                   "folder or hub id); a single-file transformer goes in transformer")
+# sd-scripts' flags that have no key of the same name here, with what to use instead: said in place of a guess
+SD_SCRIPTS_FLAGS = {
+    "sdpa": _SDPA, "xformers": _SDPA, "mem_eff_attn": _SDPA, "flash_attn": _SDPA,
+    "cache_latents": _CACHED, "cache_latents_to_disk": _CACHED, "cache_text_encoder_outputs": _CACHED,
+    "cache_text_encoder_outputs_to_disk": _CACHED, "vae_batch_size": "not needed: latents are cached one image "
+    "at a time (split into row chunks above 2048²)",
+    "network_weights": "use resume = auto (or a state folder) to continue a run, or base_lora to train on top of "
+    "a finished LoRA",
+    "dim_from_weights": "not needed: resume reads the rank from the state; base_lora may have any rank",
+    "network_train_unet_only": _ONLY_TRANSFORMER, "unet_lr": _ONLY_TRANSFORMER, "text_encoder_lr": _ONLY_TRANSFORMER,
+    "ae": _SEPARATE_FILES, "clip_l": _SEPARATE_FILES, "t5xxl": _SEPARATE_FILES,
+    "max_train_epochs": "use max_train_steps", "save_every_n_epochs": "use save_every_n_steps",
+    "sample_every_n_epochs": "use sample_every_n_steps", "sample_sampler": "not needed: samples use FLUX's "
+    "flow-matching Euler sampler", "save_last_n_epochs": "use save_last_n_steps",
+    "save_state": "not needed: every save_every_n_steps save writes a training state (resume = auto continues it)",
+    "save_model_as": "not needed: adapters are always .safetensors", "full_bf16": "use mixed_precision = bf16",
+    "highvram": _MEMORY, "lowvram": _MEMORY, "split_mode": _MEMORY, "cpu_offload_checkpointing": _MEMORY,
+    "apply_t5_attn_mask": "not supported: as in FLUX.1's own pipeline, padding tokens are attended to",
+    "max_token_length": "use t5_max_length", "output_config": "not needed: train_config.toml in output_dir holds "
+    "every resolved key",
+    "model_prediction_type": "not needed: the model predicts URAE's flow-matching target (noise - x0)",
+}
 
 OPTIONS = [
     # model
@@ -18,7 +47,10 @@ OPTIONS = [
     # data (urae.data)
     Option("train_data_dir", str, None, "folder of images with .txt/.json captions"),
     Option("dataset_config", str, None, "sd-scripts dataset TOML"),
-    Option("caption_extension", str, ".txt", "caption side-file extension"),
+    Option("caption_extension", str, None, "caption side file: .txt, .json (prompt / generated_prompt keys) or "
+           ".caption; default: whichever of them exists, in that order"),
+    Option("allow_missing_captions", bool, False, "train even when many images have no usable caption (they get "
+           "an empty one); otherwise more than 5% without one is refused"),
     Option("real_prompt_ratio", float, 0.5, "probability of the original prompt over the generated caption"),
     Option("resolution", str, "2048", "base size: long side of URAE buckets (or 'W,H')"),
     Option("bucket_mode", str, "urae", "aspect buckets", choices=("urae", "area")),
@@ -35,6 +67,9 @@ OPTIONS = [
     Option("network_dim", int, 16, "LoRA rank r"),
     Option("network_alpha", float, 16.0, "LoRA alpha (scale = alpha / r)"),
     Option("network_args", list, [], "module options as key=value (init=minor, targets=urae, …)"),
+    Option("allow_quantised_svd", bool, False, "init=minor/major on a transformer file stored in float8/int8: take "
+           "the SVD of the rounded weights anyway (lossy; the plan says by how much). Better: network_args "
+           "svd_weights=<a full-precision file>"),
     Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one); "
            "a path or a hub file owner/repo/file.safetensors"),
     # high-res runtime
@@ -90,6 +125,19 @@ OPTIONS = [
 ]
 
 
+# Every numeric key's range, checked before anything runs: key -> (lowest, lowest allowed, highest or None).
+RANGES = {
+    **{k: (0, False, None) for k in ("learning_rate", "network_alpha", "ntk_factor", "sigmoid_scale",
+                                     "discrete_flow_shift", "host_memory_budget")},
+    **{k: (1, True, None) for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                                    "network_dim", "t5_max_length", "sample_steps")},
+    **{k: (0, True, None) for k in ("lr_warmup_steps", "max_grad_norm", "seed", "guidance_scale", "blocks_to_swap",
+                                    "save_every_n_steps", "sample_every_n_steps", "save_last_n_steps")},
+    **{k: (16, True, None) for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")},
+    "real_prompt_ratio": (0, True, 1),
+}
+
+
 def check(cfg: dict) -> None:
     """Cross-key rules and the URAE guidance rule."""
     if cfg["guidance_scale"] != TRAIN_GUIDANCE and not cfg["allow_training_guidance"]:
@@ -97,14 +145,7 @@ def check(cfg: dict) -> None:
             f"guidance_scale = {cfg['guidance_scale']} refused: FLUX.1-dev is guidance-distilled, and URAE trains "
             f"with the guidance embedding fixed at 1 (paper §3.4); use 3.5 only at inference. Set "
             f"allow_training_guidance = true to override (expert use).")
-    for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "network_dim"):
-        if cfg[k] < 1:
-            raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
-    for k in ("save_every_n_steps", "sample_every_n_steps", "save_last_n_steps"):
-        if cfg[k] is not None and cfg[k] < 0:
-            raise ConfigError(f"{k} must be >= 0 (0 or unset = off), got {cfg[k]}")
-    if cfg["ntk_factor"] <= 0:
-        raise ConfigError(f"ntk_factor must be > 0, got {cfg['ntk_factor']}")
+    check_ranges(cfg, RANGES)
     if not cfg["train_data_dir"] and not cfg["dataset_config"]:
         raise ConfigError("no training data: set train_data_dir (a folder) or dataset_config (an sd-scripts TOML)")
     if (cfg["sample_every_n_steps"] or cfg["sample_at_first"]) and not cfg["sample_prompts"]:

@@ -34,25 +34,36 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     clear_run,
+    forget_unstarted_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
+    run_started,
     save_state,
     state_dir,
     truncate_log,
 )
 from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
-from urae.config import ConfigError, format_table, resolve, to_toml
+from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
 from urae.train_plan import RunPlan, make_plan
-from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
+from urae.train_sync import (
+    BatchStream,
+    all_reduce_mean,
+    any_rank,
+    broadcast_from_main,
+    check_ranks_agree,
+    init_rng,
+    mean_over_ranks,
+    seed_for,
+)
 
 log = logging.getLogger("urae")
 
@@ -61,16 +72,31 @@ class TrainingStopped(RuntimeError):
     """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C outside the training loop (which saves a state instead); the message says what is kept."""
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(what: str):
+    """A Ctrl-C in this phase becomes one line saying what of the work is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+
+
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
-                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"))
+                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"),
+                  foreign=SD_SCRIPTS_FLAGS)
     check(cfg)
     return cfg
 
 
 class _InterruptFlag:
-    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 0.
+    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 128 + the
+    signal's number (130, 143: the shell's convention, so `train && infer` does not go on without a final file).
 
     Signals within a few seconds of the first count as the same request (under `accelerate launch` each
     worker gets the terminal's SIGINT and then the launcher's forwarded copy); a later one aborts at once.
@@ -80,6 +106,7 @@ class _InterruptFlag:
 
     def __init__(self):
         self.set = False
+        self.signum = signal.SIGINT  # the first signal received (SIGINT when another rank got it)
         self._first = 0.0
         self._old: dict = {}
 
@@ -88,7 +115,7 @@ class _InterruptFlag:
         if self.set and now - self._first > self.GRACE_SECONDS:
             raise KeyboardInterrupt
         if not self.set:
-            self.set, self._first = True, now
+            self.set, self._first, self.signum = True, now, signum
             print(f"\n{signal.Signals(signum).name}: saving a state at the end of this step "
                   f"(signal again after {self.GRACE_SECONDS:.0f} s to abort)", flush=True)
 
@@ -161,12 +188,6 @@ def _adapter_metadata(cfg, step: int) -> dict:
     }
 
 
-def _current_lr(optimizer) -> float:
-    g = optimizer.param_groups[0]
-    # Prodigy's effective step size is d * lr
-    return float(g["lr"]) * float(g.get("d", 1.0))
-
-
 # ---------------------------------------------------------------- stage 1: plan
 
 def _make_accelerator(cfg, out_dir: Path, tb: bool):
@@ -195,6 +216,16 @@ def _tensorboard(cfg) -> bool:
     return True
 
 
+def config_line(cfg: dict, out_dir: Path) -> str:
+    """One line in place of the whole resolved config: where it came from and where all of it is written."""
+    sources = cfg.get("_sources", {})
+    changed = [k for k, v in sources.items() if v != "default"]
+    origin = " + ".join(x for x in (cfg.get("_config_file"), "command line" if "command line" in sources.values()
+                                    else None) if x) or "defaults"
+    return (f"config: {origin} ({len(changed)} of {len(sources)} keys set); every resolved key is written to "
+            f"{out_dir / RUN_MARKER} when training starts")
+
+
 def plan_stage(cfg, accelerator) -> RunPlan:
     main = accelerator.is_main_process
     if cfg["demo"] and main:
@@ -212,11 +243,11 @@ def plan_stage(cfg, accelerator) -> RunPlan:
             log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
                         f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        print("training config:\n" + format_table(cfg), flush=True)
+        print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
         print(plan.memory.summary(), flush=True)
-        if cfg["overwrite"] and plan.resume_path is None:
-            clear_run(plan.out_dir, cfg["output_name"])
+        if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
+            clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
         remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
     return plan
@@ -304,15 +335,18 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
     kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
-        network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
-                                        **kwargs)
+        with init_rng(cfg["seed"]):
+            network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
+                                            **kwargs)
         network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
         if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
             load_adapter_state(plan.resume_path, network)
     except ValueError as e:
         raise ConfigError(f"network: {e}") from None
-    network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
+    with init_rng(cfg["seed"]):
+        network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
+    broadcast_from_main(network, accelerator.num_processes)
     if fsdp:
         shard_base(transformer, device)
         if accelerator.is_main_process:
@@ -341,10 +375,16 @@ def _optimizer(cfg, network):
 class Saver:
     """States and the final file; a save that fails for lack of space stops the run with what to do."""
 
-    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched):
+    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched, accelerator):
         self.cfg, self.plan = cfg, plan
         self.network, self.optimizer, self.lr_sched = network, optimizer, lr_sched
+        self.device, self.world, self.main = (accelerator.device, accelerator.num_processes,
+                                              accelerator.is_main_process)
         self.last_good = plan.resume_path
+
+    def agree(self, when: str) -> None:
+        """Every rank calls it: a diverged adapter stops the run as a bug before anything is written."""
+        check_ranks_agree(self.network, self.device, self.world, when, self.last_good)
 
     def _guard(self, what: str, fn):
         try:
@@ -359,6 +399,13 @@ class Saver:
                 f"with --resume auto") from None
 
     def state(self, step: int) -> None:
+        """Every rank calls it: the ranks' agreement is checked, then rank 0 writes the state."""
+        self.agree(f"at step {step}")
+        if self.main:
+            self.write(step)
+        self.last_good = state_dir(self.plan.out_dir, step)
+
+    def write(self, step: int) -> None:
         cfg = self.cfg
         path = self._guard(f"the state of step {step}", lambda: save_state(
             self.plan.out_dir, step, self.network, self.optimizer, self.lr_sched, {"seed": cfg["seed"]},
@@ -441,12 +488,13 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     from tqdm.auto import tqdm
 
     from urae.data import make_dataloader
+    from urae.optim import step_size
 
     device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process)
     network, trainable, settings = model.network, model.trainable, model.settings
     optimizer, lr_sched = _optimizer(cfg, network)
-    saver = Saver(cfg, plan, network, optimizer, lr_sched)
+    saver = Saver(cfg, plan, network, optimizer, lr_sched, accelerator)
     start = 0
     if plan.resume_path is not None:
         start = int(load_optimizer_state(plan.resume_path, optimizer, lr_sched)["step"])
@@ -487,11 +535,11 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             samples(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
+                saver.state(step)
                 if main:
-                    saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
-                          f"plus --resume auto")
-                return 0
+                          f"plus --resume auto", flush=True)
+                return 128 + int(interrupt.signum)
             t0 = time.perf_counter()
             network.on_step_start(None, model.transformer)
             loss = train_step(cfg, model, stream, step, accelerator)
@@ -511,25 +559,21 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            lr, dt = _current_lr(optimizer), time.perf_counter() - t0
+            lr, dt = step_size(optimizer), time.perf_counter() - t0
             if main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.3g}", s_step=f"{dt:.2f}")
+                bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3g}" for k, v in lr.items()}, s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, **lr, "seconds": round(dt, 4)}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss, "lr": lr}, step=done)
+                    accelerator.log({"loss": loss, **lr}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
-                if main:
-                    saver.state(done)
-                saver.last_good = state_dir(plan.out_dir, done)
+                saver.state(done)
                 accelerator.wait_for_everyone()
             if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
                 samples(done)
         bar.close()
-        if not ranks_agree(trainable, device, world):
-            raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
-                                  "report it with your accelerate config")
+        saver.agree("after training")
         if main:
             save_stage(cfg, plan, saver, world)
         if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
@@ -544,17 +588,31 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
         print(f"adapter identical on all {world} processes")
     final = saver.final()
     if cfg["save_every_n_steps"]:
-        saver.state(cfg["max_train_steps"])
+        saver.write(cfg["max_train_steps"])  # rank 0 alone: the ranks were checked just before
     print(f"saved {final} ({len(list_states(plan.out_dir))} state(s) kept)")
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint). A run that
+    fails before saving anything leaves no trace that would refuse the next one."""
+    out_dir = Path(cfg["output_dir"])
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            forget_unstarted_run(out_dir, cfg["output_name"], created)
+        raise
+
+
+def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
-    plan = plan_stage(cfg, accelerator)
+    with _on_ctrl_c("during the checks; nothing was written"):
+        plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
-    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    with _on_ctrl_c("while caching; the cache files finished so far are kept, and the next run reuses them"):
+        caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -562,8 +620,9 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
-    model = model_stage(cfg, plan, transformer, accelerator)
+    with _on_ctrl_c("while loading the model, before the first step; the caches are complete and kept"):
+        transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+        model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -589,3 +648,9 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar may have been cut short mid-line
+            print(f"\ninterrupted {str(e) or 'by Ctrl-C; the files finished before it are kept'}", file=sys.stderr,
+                  flush=True)
+        return 130
