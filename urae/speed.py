@@ -301,8 +301,7 @@ class StepCounter:
         self.passes = self.computed = 0
         self.transformer = transformer
         last = transformer.single_transformer_blocks[-1].attn.to_q
-        transformer.register_forward_pre_hook(self._pass)
-        last.register_forward_pre_hook(self._computed)
+        self.handles = [transformer.register_forward_pre_hook(self._pass), last.register_forward_pre_hook(self._computed)]
 
     def _pass(self, *_):
         self.passes += 1
@@ -318,3 +317,24 @@ class StepCounter:
     @property
     def reused(self) -> int:
         return self.passes - self.computed
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def undo(pipe, p: SpeedPlan, counter: StepCounter | None) -> None:
+    """Take `apply`'s cache, backend and compile off the transformer again (benchmark rows share one model).
+    Context parallelism cannot be taken off: diffusers applies it once per model."""
+    t = pipe.transformer
+    if counter is not None:
+        counter.close()
+        t.disable_cache()
+    if p.backend:
+        t.reset_attention_backend()
+        _registry()[1].set_active_backend(p.previous_backend)
+        p.previous_backend = None
+    if p.compile:
+        for m in t.modules():
+            if m.__class__.__name__ in t._repeated_blocks:
+                m._compiled_call_impl = None  # what nn.Module.compile set
