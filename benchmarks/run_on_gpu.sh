@@ -76,7 +76,15 @@ if (( left >= 60 )) && [[ " ${extra[*]-} " != *" --cpu "* ]]; then
 fi
 
 # One line per benchmark, most important first (at most 3: $OUT brings back 8 files, 2 per benchmark + summary).
-bench infer 480 "$py" benchmarks/bench_infer_gpu.py
+# BENCHES picks them (default: infer): BENCHES=speed runs the speed-option rows (cache, backend, compile at
+# 2048² and 4096²; pass --sizes 2048 or --sizes 4096 to give one size the whole budget).
+for b in ${BENCHES:-infer}; do
+    case $b in
+        infer) bench infer 480 "$py" benchmarks/bench_infer_gpu.py ;;
+        speed) bench speed 520 "$py" benchmarks/bench_infer_gpu.py --speed ;;
+        *) echo "error: unknown benchmark '$b' in BENCHES (infer, speed)" >&2; exit 2 ;;
+    esac
+done
 
 echo "total $(( SECONDS - start )) s of ${budget} s" | tee -a "$out/summary.txt"
 exit $status
