@@ -7,6 +7,7 @@ cannot take, a full disk) is reported here, before any model loads or any cache 
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def transformer_config(model_location: str) -> dict | None:
     from diffusers import FluxTransformer2DModel
 
     try:
-        return dict(FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True))
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not the user's
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(FluxTransformer2DModel.load_config(model_location, subfolder="transformer",
+                                                           local_files_only=True))
     except Exception:  # OSError for a missing file, assorted errors for a broken one
         return None
 
