@@ -306,6 +306,9 @@ def test_presets_hold_the_recipes():
     assert p4["resolution"] == "4096" and "init=minor" in p4["network_args"]
     assert (p4["ntk_factor"], p4["proportional_attention"], p4["real_prompt_ratio"]) == (10.0, True, 0.2)
     assert p4["max_train_steps"] == 10000 and p4["base_lora"].endswith("urae_2k.safetensors")
+    from urae.adapters import looks_local
+
+    assert looks_local(p4["base_lora"])  # a missing 2K file is a local mistake, never a hub lookup
     assert demo["demo"] is True and "init=minor" in demo["network_args"]
 
 
@@ -707,3 +710,32 @@ def test_training_under_dype_records_the_scheme_and_the_file_drives_it(tiny_flux
 def test_a_wrong_rope_is_refused_before_anything_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
     _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--rope", "yarn", "--ntk_factor", "10"), capsys,
                 "ntk_factor 10 is for rope = ntk")
+
+
+def test_a_hub_model_that_cannot_be_reached_is_named_in_the_plan(data_dir, tmp_path, capsys, monkeypatch):
+    """No network (the hub endpoint, as HF_ENDPOINT would set it, refuses connections): one line naming the cause
+    from one request, not a minute of download retries ending in "does not appear to have a file named
+    model_index.json"."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    _fails_fast(args("black-forest-labs/FLUX.1-dev", data_dir, tmp_path / "o"), capsys,
+                "black-forest-labs/FLUX.1-dev is not downloaded yet and cannot be: the hub cannot be reached")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_local_base_lora_says_to_run_the_2k_stage_first(tiny_flux_dir, data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    from urae.adapters import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_local("out/urae_2k/urae_2k.safetensors")  # could be the hub repo out/urae_2k ...
+    (tmp_path / "out").mkdir()
+    assert looks_local("out/urae_2k/urae_2k.safetensors")  # ... but not beside a folder named out
+    assert looks_local("out\\urae_2k.safetensors") and looks_local("./a/b/c.safetensors")
+    for spec in ("out/urae_2k/urae_2k.safetensors", "./out/urae_2k/urae_2k.safetensors"):
+        _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--base_lora", spec), capsys,
+                    "no such file. The 4K recipe starts from the 2K stage's LoRA: run the 2K stage first")
