@@ -367,7 +367,7 @@ def test_auto_chooses_by_host_ram():
     assert options.fp8_base and options.offload_activations == "disk" and cost["disk_bytes"] == 2 * cost["disk"]
 
 
-def test_auto_targets_of_the_issue():
+def test_auto_fits_4k_on_24_gib_and_2k_on_16_gib_losslessly():
     options, peak = choose_memory(24 * GiB, 4096, 4096)
     assert peak <= 22 * GiB and not options.fp8_base
     options, peak = choose_memory(16 * GiB, 2048, 2048)

@@ -169,6 +169,8 @@ def test_two_processes_ddp_and_fsdp_equal_one_process_over_the_same_global_batch
         out = tmp_path / name
         r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, *sgd, "--sample_every_n_steps", "1", *memory))
         assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
+        both = r.stdout + r.stderr  # per-process lines come from rank 0 only
+        assert both.count("minor_lora: init=minor") == 1 and both.count("transformer: ") == 1, both[-3000:]
         if name == "fsdp":  # each rank holds half of the base (its local shards), not all of it
             assert abs(_per_rank_bytes(r.stdout) - full / 2) <= 0.03 * full, (r.stdout[-2000:], full)
         else:

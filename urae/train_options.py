@@ -71,8 +71,9 @@ OPTIONS = [
     Option("allow_quantised_svd", bool, False, "init=minor/major on a transformer file stored in float8/int8: take "
            "the SVD of the rounded weights anyway (lossy; the plan says by how much). Better: network_args "
            "svd_weights=<a full-precision file>"),
-    Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one); "
-           "a path or a hub file owner/repo/file.safetensors"),
+    Option("base_lora", str, None, "LoRA to train on top of (the 4K recipe starts from the 2K one): the minor SVD is "
+           "taken of W + its change, which is applied frozen in every forward (W itself is not modified) and saved "
+           "in the final file with the trained change; a path or a hub file owner/repo/file.safetensors"),
     # high-res runtime
     Option("ntk_factor", float, 1.0, "RoPE theta = 10000 x ntk_factor"),
     Option("proportional_attention", bool, False, "softmax scale sqrt(log N / log 4608) / sqrt(d)"),
@@ -111,7 +112,8 @@ OPTIONS = [
            "details (sd-scripts' no_metadata)"),
     Option("resume", str, None, "'auto' (newest state in output_dir) or a state folder"),
     Option("overwrite", bool, False, "allow output_dir to hold another run's files"),
-    Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--g flags allowed)"),
+    Option("sample_prompts", str, None, "prompts file for samples, one per line with sd-scripts' flags: --w/--h size, "
+           "--d seed, --s steps, --g embedded guidance, --l CFG scale (> 1: true CFG), --n negative prompt"),
     Option("sample_every_n_steps", int, None, "make samples every N steps"),
     Option("sample_at_first", bool, False, "also make samples before training"),
     Option("sample_resolution", str, None, "sample size 'W,H' (default: the base resolution)"),

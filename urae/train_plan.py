@@ -47,6 +47,21 @@ class RunPlan:
                 + (f"; resuming {self.resume_path}" if self.resume_path else ""))
 
 
+    def paths(self, cfg: dict) -> str:
+        """Every path of the run as it resolved (relative ones against the current folder: one rule)."""
+        dirs = sorted({str(it.subset.image_dir) for it in self.scan.items})
+        model = Path(self.model_location)
+        items = [("data", ", ".join(dirs)), ("model", model.resolve() if model.exists() else self.model_location)]
+        for key in ("transformer", "base_lora", "sample_prompts", "dataset_config", "cache_dir"):
+            if key == "sample_prompts" and not (cfg.get("sample_every_n_steps") or cfg.get("sample_at_first")):
+                continue  # not read when no samples are drawn
+            p = Path(cfg[key]).expanduser() if cfg.get(key) else None
+            if p is not None:  # a hub file (owner/repo/file) stays as written
+                items.append((key, p.resolve() if p.exists() or key == "cache_dir" else cfg[key]))
+        items.append(("output", self.out_dir.resolve()))
+        return "paths: " + "; ".join(f"{k} {v}" for k, v in items)
+
+
 def _rank_words(cfg: dict) -> str:
     init = _network_arg(cfg, "init", "minor")
     r = cfg["network_dim"]

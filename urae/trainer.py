@@ -246,6 +246,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
         print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
+        print(plan.paths(cfg), flush=True)
         print(plan.memory.summary(), flush=True)
         if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
             clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
@@ -338,6 +339,8 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
     known = getattr(module, "KNOWN_ARGS", None)  # the plan stage already warned about the others
     kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
+    if not accelerator.is_main_process and (known is None or "verbose" in known):
+        kwargs["verbose"] = "False"  # its summary line and SVD bar once, from rank 0
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
         with init_rng(cfg["seed"]):
             network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
@@ -463,9 +466,9 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
     finally:
         network.train(was_training)
         vae.to("cpu")
-    if main and paths:
-        print(f"{folder} of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
-              f"{out_dir / folder}", flush=True)
+    if main and paths:  # above the training bar, not glued onto it
+        tqdm.write(f"{folder} of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
+                   f"{out_dir / folder}")
     return paths
 
 
@@ -573,6 +576,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             validate(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
+                bar.close()  # the lines below start on their own line
                 saver.state(step)
                 if main:
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
@@ -652,6 +656,8 @@ def train(cfg: dict) -> int:
 def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
+    if not accelerator.is_main_process:  # each info line once, from rank 0; warnings and errors still show
+        logging.getLogger("urae").setLevel(logging.WARNING)
     with _on_ctrl_c("during the checks; nothing was written"):
         plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
