@@ -64,8 +64,27 @@ bench() {
         | tee -a "$out/summary.txt"
 }
 
+# urae.memory's CUDA path: side-stream copies with injected delays, exact pinned bytes, a capped-GPU trainer step
+left=$(( budget - (SECONDS - start) ))
+if (( left >= 60 )) && [[ " ${extra[*]-} " != *" --cpu "* ]]; then
+    t0=$SECONDS
+    timeout -k 5 $(( left < 180 ? left : 180 )) "$py" -m pytest tests/test_memory_cuda.py -q -p no:cacheprovider 2>&1 \
+        | tee "$out/memory_cuda.log"
+    rc=${PIPESTATUS[0]}
+    (( rc == 0 )) || status=1
+    echo "memory_cuda: exit $rc after $(( SECONDS - t0 )) s" | tee -a "$out/summary.txt"
+fi
+
 # One line per benchmark, most important first (at most 3: $OUT brings back 8 files, 2 per benchmark + summary).
-bench infer 480 "$py" benchmarks/bench_infer_gpu.py
+# BENCHES picks them (default: infer): BENCHES=speed runs the speed-option rows (cache, backend, compile at
+# 2048² and 4096²; pass --sizes 2048 or --sizes 4096 to give one size the whole budget).
+for b in ${BENCHES:-infer}; do
+    case $b in
+        infer) bench infer 480 "$py" benchmarks/bench_infer_gpu.py ;;
+        speed) bench speed 520 "$py" benchmarks/bench_infer_gpu.py --speed ;;
+        *) echo "error: unknown benchmark '$b' in BENCHES (infer, speed)" >&2; exit 2 ;;
+    esac
+done
 
 echo "total $(( SECONDS - start )) s of ${budget} s" | tee -a "$out/summary.txt"
 exit $status
