@@ -338,6 +338,41 @@ def test_lora_with_the_node_equals_our_pipeline_with_the_adapter(comfy, dev, ura
 
 @needs_comfyui
 @pytest.mark.slow
+def test_a_file_trained_under_dype_drives_the_loader_node_as_the_command_line(comfy, dev, tmp_path_factory):
+    """The metadata training writes for rope = dype-yarn (its `inference_settings(...).to_dict()`) makes the
+    loader node (rope auto) run DyPE as flux_urae_infer.py does, on a 5:2 grid."""
+    t = build_transformer(seed=SEED)
+    trained = HighResSettings(rope="dype-yarn", rope_base_resolution=64)
+    net = minor_lora.create_network(1.0, 4, 4.0, None, [], t, init="minor", targets="urae", verbose="False",
+                                    runtime=json.dumps(trained.to_dict()))
+    net.apply_to([], t, False, True)
+    net.prepare_grad_etc(None, t)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    folder = tmp_path_factory.mktemp("dype-loras")
+    net.save_weights(str(folder / "urae_dype.safetensors"), None, {})
+    comfy[1].add_model_folder_path("loras", str(folder))
+    x = inputs(seed=6, h=16, w=40)
+    v_node, xt = comfy_velocity(comfy, URAELoraLoader().load(dev, "urae_dype.safetensors", 1.0, 4096, 1664, 0.0,
+                                                             "auto", 0.0, "auto")[0], x)
+    ref_model = build_transformer(seed=SEED)
+    meta = adapters.check_adapter_file(folder / "urae_dype.safetensors")
+    adapters.attach_adapters(ref_model, [str(folder / "urae_dype.safetensors")], [1.0])
+    cfg = {"ntk_factor": None, "proportional_attention": None, "shift": None, "dynamic_shift": False}
+    settings = inference.runtime_settings(cfg, SampleRequest("p", 4096, 1664), adapters.runtime_from_metadata(meta))
+    assert settings == trained
+    v_ref = diffusers_velocity(ref_model, xt, x, settings)
+    other, _ = comfy_velocity(comfy, URAELoraLoader().load(dev, "urae_dype.safetensors", 1.0, 4096, 1664, 0.0,
+                                                           "auto", 0.0, "ntk")[0], x)
+    diff, off = (v_node - v_ref).abs().max().item(), (other - v_ref).abs().max().item()
+    print(f"dype-yarn adapter, 5:2: loader node {diff:.2e}, loader node with rope ntk {off:.2e}")
+    assert diff < TOL and off > 100 * TOL
+
+
+@needs_comfyui
+@pytest.mark.slow
 def test_clones_leave_the_input_model_alone_and_do_not_interfere(comfy, dev):
     x = inputs(seed=5)
     options_before = repr(dev.model_options)
