@@ -219,8 +219,8 @@ class URAEHighResRuntime:
     DESCRIPTION = ("Runs FLUX.1 as URAE adapters were trained for 2K/4K: NTK-scaled RoPE, proportional attention, "
                    "static timestep shift. Settings left on auto come from the LoRA metadata, else from the size.")
 
-    def patch(self, model, width, height, ntk_factor, proportional_attention, shift, rope=AUTO,
-              settings_from_lora="none"):
+    def patch(self, model, width, height, ntk_factor, proportional_attention, shift, settings_from_lora="none",
+              rope=AUTO):
         meta_runtime = None
         if settings_from_lora and settings_from_lora != "none":
             meta_runtime = S.runtime_from_metadata(read_lora_metadata(settings_from_lora))
