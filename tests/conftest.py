@@ -33,3 +33,11 @@ def tiny_bfl_checkpoint(tiny_flux_dir, tmp_path_factory):
 
     t = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
     return write_bfl_checkpoint(t, tmp_path_factory.mktemp("ckpt") / "tiny-flux1-dev.safetensors")
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    """Eight procedural images with captions (the demo's data), shared by the training tests."""
+    from urae.demo import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n=8)

@@ -146,6 +146,23 @@ def test_inspect_counts_the_190_urae_layers_of_flux1_and_reads_our_metadata(tmp_
 # --------------------------------------------------------------------------------------------
 
 
+def test_inspect_into_a_closed_pipe_is_not_an_error(tmp_path, shapes):
+    """`inspect_lora FILE | head`: the reader has gone before the report is written; quiet, exit 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save_file(peft_lora(shapes, urae_names(shapes)), tmp_path / "p.safetensors")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "networks.inspect_lora", str(tmp_path / "p.safetensors")],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed before the tool (still importing torch) writes a line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
 def test_convert_peft_kohya_peft_is_lossless(tmp_path, shapes, tiny_bfl_checkpoint, capsys):
     names = urae_names(shapes) + ["single_transformer_blocks.1.proj_mlp", "transformer_blocks.0.ff.net.2",
                                   "norm_out.linear", "x_embedder"]

@@ -161,10 +161,24 @@ def test_frozen_copies_are_exactly_the_selected_component(init):
         sel = slice(-R, None) if init == "minor" else slice(0, R)
         ref = u[:, sel] @ torch.diag(sv[sel]) @ vh[sel]
         d0, u0 = lo.frozen(0)
-        got = s.scale * u0.double() @ d0.double()
+        got = (ALPHA / R) * u0.double() @ d0.double()  # the scale by hand, not the module's own number
         err = (got - ref).abs().max().item() / ref.abs().max().item()
         assert err < 1e-5, (lo.lora_name, err)
         assert torch.equal(lo.lora_down[0], d0) and torch.equal(lo.lora_up[0], u0)
+        assert s.scale == ALPHA / R
+    # once trained, a layer's output changes by alpha / r * x (up down - up0 down0)^T, alpha and r by hand
+    g = torch.Generator().manual_seed(3)
+    lo = net.unet_loras[0]
+    x = torch.randn(5, lo.in_features, generator=g)
+    y0 = lo.org_forward(x)
+    with torch.no_grad():
+        lo.lora_up[0].add_(torch.randn(lo.lora_up[0].shape, generator=g) * 0.1)
+        lo.lora_down[0].add_(torch.randn(lo.lora_down[0].shape, generator=g) * 0.1)
+        d0, u0 = lo.frozen(0)
+        hand = (ALPHA / R) * x.double() @ (lo.lora_up[0].double() @ lo.lora_down[0].double()
+                                           - u0.double() @ d0.double()).T
+        change = lo.forward(x).double() - y0.double()
+    torch.testing.assert_close(change, hand, rtol=1e-5, atol=1e-6)
 
 
 def test_minor_subspace_accurate_with_close_tail_singular_values():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from urae.config import ConfigError, read_toml
-from urae.demo import write_demo_dataset
 from urae.trainer import main, parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +21,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n=8)
+def data_dir(demo_data_dir):
+    return demo_data_dir
 
 
 def args(model, data, out, *extra):
@@ -48,6 +48,21 @@ def test_demo_preset_end_to_end(tiny_flux_dir, data_dir, tmp_path, capsys):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000040_00.png", "0000040_01.png"]
     assert len(log_losses(out)) == 40
     assert (out / "train_config.toml").is_file()
+    # the resolved config is in train_config.toml, and one line on the terminal says so
+    assert "training config:" not in text and f"every resolved key is written to {out / 'train_config.toml'}" in text
+    assert "learning_rate = 0.001" in (out / "train_config.toml").read_text()
+
+
+def test_config_line_says_where_the_settings_came_from_and_went(tmp_path):
+    from urae.config import resolve
+    from urae.train_options import OPTIONS
+    from urae.trainer import config_line
+
+    cfg = resolve(OPTIONS, ["--config", str(ROOT / "presets/demo.toml"), "--max_train_steps", "3"], "t", "")
+    line = config_line(cfg, tmp_path)
+    n_toml = len(read_toml(ROOT / "presets/demo.toml"))
+    assert line == (f"config: {ROOT / 'presets/demo.toml'} + command line ({n_toml} of {len(OPTIONS)} keys set); "
+                    f"every resolved key is written to {tmp_path / 'train_config.toml'} when training starts")
 
 
 def test_loss_decreases_on_a_fixed_batch():
@@ -83,28 +98,90 @@ def _launch(distributed: list[str], out: Path, *extra) -> subprocess.CompletedPr
     return r
 
 
+def _reference_sgd_step(argv, world: int, lr: float):
+    """One SGD step over the global batch of `world` ranks, computed in this single process from the trainer's
+    own stages (plan, caches, model) but with an independent loop: rank r's batch is r of the epoch's shuffled
+    batches and its noise is drawn from seed_for(seed, 0, r, world); the gradient is the mean over ranks.
+    Returns the file tensors before and after the step, each rank's loss, and each rank's images."""
+    import urae.trainer as T
+    from urae.data import make_dataloader
+    from urae.flow import flow_loss, sample_timesteps
+    from urae.runtime import apply_highres
+    from urae.train_sync import BatchStream, seed_for
+
+    cfg = parse(argv)
+    acc = T._make_accelerator(cfg, Path(cfg["output_dir"]), False)
+    plan = T.plan_stage(cfg, acc)
+    caches, _ = T.cache_stage(cfg, plan, acc, torch.float32)
+    transformer, _, _ = T.load_for_training(cfg, plan, torch.float32, sampling=False)
+    model = T.model_stage(cfg, plan, transformer, acc)
+    before = {k: v.detach().clone() for k, v in model.network.export_state_dict()[0].items()}
+    loader = make_dataloader(caches, batch_size=cfg["train_batch_size"], seed=cfg["seed"])
+    losses, images = [], []
+    model.network.train()
+    with apply_highres(model.transformer, model.settings):
+        for r in range(world):
+            batch = BatchStream(loader, r, world).get(0)
+            images.append(batch["image"])
+            gen = torch.Generator().manual_seed(seed_for(cfg["seed"], 0, r, world))
+            t = sample_timesteps(batch["latents"].shape[0], cfg["timestep_sampling"], gen,
+                                 sigmoid_scale=cfg["sigmoid_scale"], shift=cfg["discrete_flow_shift"])
+            noise = torch.randn(batch["latents"].shape, generator=gen)
+            loss = flow_loss(model.transformer, batch["latents"].float(), batch["t5_embeds"], batch["clip_pooled"], t,
+                             noise, guidance=cfg["guidance_scale"])
+            loss.backward()  # gradients add up over the ranks' batches
+            losses.append(loss.item())
+    with torch.no_grad():
+        for p in model.trainable:
+            p -= lr * p.grad / world
+    after = {k: v.detach().clone() for k, v in model.network.export_state_dict()[0].items()}
+    return before, after, losses, images
+
+
+def _per_rank_bytes(stdout: str) -> float:
+    import re
+
+    m = re.search(r"split over 2 processes, ([\d.]+) (B|KiB|MiB|GiB) of weights each", stdout)
+    assert m, stdout[-2000:]
+    return float(m[1]) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m[2]]
+
+
 @pytest.mark.slow
-def test_two_processes_ddp_and_fsdp_train_the_same_adapter(tiny_flux_dir, data_dir, tmp_path):
-    """DDP-style (replicated base) and FSDP (base sharded over the 2 processes, gloo; with activation offload, as
-    eight 24 GB GPUs at 4K need) give every rank the same adapter, the same file, and the same training within
-    fp32 rounding."""
-    runs = {}
+def test_two_processes_ddp_and_fsdp_equal_one_process_over_the_same_global_batch(tiny_flux_dir, data_dir, tmp_path):
+    """Two ranks, each on its own batch and noise (DDP-style replicated base, and FSDP with the base sharded,
+    gloo, with activation offload as eight 24 GB GPUs at 4K need), take the step that one process takes over
+    both batches with the gradient averaged. SGD, so a summed gradient or a rank on the wrong batch moves the
+    adapter by a visibly different amount; the tolerance is relative to how far the step moved it."""
+    lr = 0.5
+    sgd = ("--max_train_steps", "1", "--optimizer_type", "sgd", "--learning_rate", str(lr), "--max_grad_norm", "0",
+           "--train_batch_size", "1", "--gradient_checkpointing", "true")
+    before, after, ranks_losses, images = _reference_sgd_step(args(tiny_flux_dir, data_dir, tmp_path / "ref", *sgd),
+                                                              2, lr)
+    assert images[0] != images[1]  # the ranks see different data
+    moved = max((after[k] - before[k]).abs().max().item() for k in after)
+    assert moved > 1e-4, moved
+    from diffusers import FluxTransformer2DModel
+
+    full = sum(p.numel() * p.element_size() for p in
+               FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer").parameters())
     for name, flags, memory in (("ddp", ["--multi_gpu"], []),
                                 ("fsdp", ["--use_fsdp", "--fsdp_version", "2"], ["--offload_activations"])):
         out = tmp_path / name
-        r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, "--max_train_steps", "4",
-                                     "--gradient_checkpointing", "true", "--sample_every_n_steps", "4", *memory))
+        r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, *sgd, "--sample_every_n_steps", "1", *memory))
         assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
-        assert ("FSDP: the frozen base is split over 2 processes" in r.stdout) == (name == "fsdp")
+        both = r.stdout + r.stderr  # per-process lines come from rank 0 only
+        assert both.count("minor_lora: init=minor") == 1 and both.count("transformer: ") == 1, both[-3000:]
+        if name == "fsdp":  # each rank holds half of the base (its local shards), not all of it
+            assert abs(_per_rank_bytes(r.stdout) - full / 2) <= 0.03 * full, (r.stdout[-2000:], full)
+        else:
+            assert "FSDP" not in r.stdout
         assert sorted(p.name for p in out.glob("*.safetensors")) == ["urae_demo.safetensors"]
-        assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000004_00.png", "0000004_01.png"]
-        assert len(log_losses(out)) == 4
-        runs[name] = load_file(out / "urae_demo.safetensors")
-    a, b = runs["ddp"], runs["fsdp"]
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    size = max(a[k].abs().max().item() for k in a)
-    assert diff <= 1e-5 * size, (diff, size)
+        assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000001_00.png", "0000001_01.png"]
+        assert log_losses(out)[1] == pytest.approx(sum(ranks_losses) / 2, rel=1e-5)
+        got = load_file(out / "urae_demo.safetensors")
+        assert got.keys() == after.keys()
+        diff = max((got[k] - after[k]).abs().max().item() for k in got)
+        assert diff <= 1e-3 * moved, (name, diff, moved)
 
 
 def _popen(a):
@@ -199,6 +276,7 @@ def test_output_dir_of_another_run_is_refused(tiny_flux_dir, data_dir, tmp_path,
     out = tmp_path / "used"
     out.mkdir()
     (out / "train_config.toml").write_text("")
+    (out / "urae_demo.safetensors").write_text("")  # a finished run's file (a marker alone is a run never saved)
     assert main(args(tiny_flux_dir, data_dir, out, "--overwrite", "false")) == 2
     assert "--resume auto" in capsys.readouterr().err
 
@@ -230,6 +308,9 @@ def test_presets_hold_the_recipes():
     assert p4["resolution"] == "4096" and "init=minor" in p4["network_args"]
     assert (p4["ntk_factor"], p4["proportional_attention"], p4["real_prompt_ratio"]) == (10.0, True, 0.2)
     assert p4["max_train_steps"] == 10000 and p4["base_lora"].endswith("urae_2k.safetensors")
+    from urae.adapters import looks_local
+
+    assert looks_local(p4["base_lora"])  # a missing 2K file is a local mistake, never a hub lookup
     assert demo["demo"] is True and "init=minor" in demo["network_args"]
 
 
@@ -413,6 +494,9 @@ def test_impossible_memory_settings_are_refused_in_the_plan(tiny_flux_dir, data_
                 capsys, "at most 3")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--gradient_checkpointing", "false", "--offload_activations"),
                 capsys, "needs gradient_checkpointing")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "disk", "--checkpoint_segments", "2"),
+                capsys, "choose one")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "dsk"), capsys, "is not a valid bool")
 
 
 @pytest.mark.slow
@@ -424,9 +508,12 @@ def test_resume_with_other_memory_options_continues_the_same_run(tiny_flux_dir, 
     assert main(args(tiny_flux_dir, data_dir, full, *common)) == 0
     cut = tmp_path / "cut"
     assert main(args(tiny_flux_dir, data_dir, cut, *common, "--max_train_steps", "2", "--blocks_to_swap", "2",
-                     "--offload_activations")) == 0
-    assert "memory: blocks_to_swap = 2, offload_activations" in capsys.readouterr().out
-    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto")) == 0
+                     "--offload_activations", "disk", "--activation_dir", str(tmp_path / "act"))) == 0
+    assert "memory: blocks_to_swap = 2, offload_activations = disk" in capsys.readouterr().out
+    assert list((tmp_path / "act").iterdir()) == []  # the activation file is gone
+    rows = [json.loads(x) for x in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["memory"]["weight_loads"] == 2 * 2 - 1 and r["memory"]["disk_bytes"] > 0 for r in rows)
+    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto", "--checkpoint_segments", "2")) == 0
     a, b = load_file(full / "urae_demo.safetensors"), load_file(cut / "urae_demo.safetensors")
     mid = load_file(full / "state-0000002" / "adapter.safetensors")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -534,6 +621,56 @@ def test_a_quoted_number_in_the_toml_is_an_error(tiny_flux_dir, data_dir, tmp_pa
     _fails_fast(argv, capsys, "learning_rate = '1e-3' is not a valid float (a number is written without quotes")
 
 
+def test_ctrl_c_while_caching_is_one_line_exit_130_and_keeps_the_finished_files(tiny_flux_dir, data_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    import urae.data
+
+    real = urae.data.build_caches
+
+    def ctrl_c_at_the_third_encode(data, parts, *a, **k):
+        encode, calls = parts["vae"].encode, []
+
+        def encode_until_ctrl_c(*x, **y):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return encode(*x, **y)
+
+        parts["vae"].encode = encode_until_ctrl_c
+        return real(data, parts, *a, **k)
+
+    monkeypatch.setattr(urae.data, "build_caches", ctrl_c_at_the_third_encode)
+    cache = tmp_path / "cache"
+    rc = main(args(tiny_flux_dir, data_dir, tmp_path / "o", "--cache_dir", str(cache)))
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == ["interrupted while caching; the cache files finished so far are kept, and the next run reuses "
+                   "them"], err
+    assert len([f for f in cache.rglob("*.safetensors") if "latent" in str(f)]) == 2
+
+
+def test_a_run_that_fails_before_saving_anything_does_not_block_the_next(tiny_flux_dir, data_dir, tmp_path, capsys):
+    from urae.checkpoints import check_output_dir
+    from urae.tiny import build_transformer, write_bfl_checkpoint
+
+    # a transformer file of another depth: found only when it loads, after the run marked its folder
+    other = write_bfl_checkpoint(build_transformer(layers=1, single_layers=1), tmp_path / "other.safetensors")
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "mine", True)):
+        if existed:
+            out.mkdir()
+        rc = main(args(tiny_flux_dir, data_dir, out, "--transformer", str(other), "--overwrite", "false"))
+        err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.startswith("error")]
+        assert rc == 2 and len(err) == 1 and "does not fit the transformer config" in err[0], err
+        # no marker left to refuse the corrected command; a folder the run created is gone again
+        assert (sorted(p.name for p in out.iterdir()) == []) if existed else not out.exists()
+    # a marker and a log alone (a run killed before its first save) are reused silently
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "train_config.toml").write_text("")
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    check_output_dir(out, resuming=False, overwrite=False, output_name="urae_demo")
+
+
 def test_training_under_dype_records_the_scheme_and_the_file_drives_it(tiny_flux_dir, data_dir, tmp_path, capsys):
     """rope = dype-yarn (base 128 px: the 256 px demo images are past it, as 4K is past 1024): every sample of a
     batch brings its own noise level to the tables, samples use the scheme, and the file's metadata makes it
@@ -575,3 +712,32 @@ def test_training_under_dype_records_the_scheme_and_the_file_drives_it(tiny_flux
 def test_a_wrong_rope_is_refused_before_anything_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
     _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--rope", "yarn", "--ntk_factor", "10"), capsys,
                 "ntk_factor 10 is for rope = ntk")
+
+
+def test_a_hub_model_that_cannot_be_reached_is_named_in_the_plan(data_dir, tmp_path, capsys, monkeypatch):
+    """No network (the hub endpoint, as HF_ENDPOINT would set it, refuses connections): one line naming the cause
+    from one request, not a minute of download retries ending in "does not appear to have a file named
+    model_index.json"."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    _fails_fast(args("black-forest-labs/FLUX.1-dev", data_dir, tmp_path / "o"), capsys,
+                "black-forest-labs/FLUX.1-dev is not downloaded yet and cannot be: the hub cannot be reached")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_local_base_lora_says_to_run_the_2k_stage_first(tiny_flux_dir, data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    from urae.adapters import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_local("out/urae_2k/urae_2k.safetensors")  # could be the hub repo out/urae_2k ...
+    (tmp_path / "out").mkdir()
+    assert looks_local("out/urae_2k/urae_2k.safetensors")  # ... but not beside a folder named out
+    assert looks_local("out\\urae_2k.safetensors") and looks_local("./a/b/c.safetensors")
+    for spec in ("out/urae_2k/urae_2k.safetensors", "./out/urae_2k/urae_2k.safetensors"):
+        _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--base_lora", spec), capsys,
+                    "no such file. The 4K recipe starts from the 2K stage's LoRA: run the 2K stage first")

@@ -6,7 +6,9 @@ import torch
 
 from urae.config import ConfigError
 
-OPTIMIZERS = ("prodigy", "adamw", "adamw8bit", "adafactor")
+# sgd: plain SGD (no momentum unless optimizer_args set it): a step proportional to the gradient, which is
+# what makes a wrongly scaled gradient visible when two ways of computing the same step are compared
+OPTIMIZERS = ("prodigy", "adamw", "adamw8bit", "adafactor", "sgd")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
 
 
@@ -75,6 +77,8 @@ def make_optimizer(name: str, params, lr: float, args: list[str] | None = None):
 
         return Adafactor(params, lr=lr, **{"scale_parameter": False, "relative_step": False, "warmup_init": False,
                                            **kwargs})
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, **kwargs)
     raise ConfigError(f"unknown optimizer_type {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

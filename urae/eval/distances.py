@@ -32,7 +32,7 @@ def frechet_from_stats(mu1, cov1, mu2, cov2) -> float:
     middle = root1 @ cov2 @ root1
     tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     d = mu1 - mu2
-    return float(d @ d + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt)
+    return max(0.0, float(d @ d + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt))  # ≥ 0 up to rounding
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:

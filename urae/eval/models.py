@@ -26,13 +26,19 @@ def check_available(model_id: str, metric: str) -> None:
         return
     if model_id.startswith((".", "/", "~")):
         raise EvalError(f"metric {metric}: model folder {model_id} does not exist")
-    if not _is_offline():
-        return  # downloaded into the usual cache on first use
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return
+    if _is_offline():
         raise EvalError(f"metric {metric} needs the model {model_id}, which is not in the local cache and "
                         f"HF_HUB_OFFLINE is set: fetch it once with `hf download {model_id}`")
+    try:  # the small config now: a wrong name or no network shows before anything slow runs
+        hf_hub_download(model_id, "config.json")
+    except Exception as e:  # the hub client raises several types (offline, gated, missing repository)
+        raise EvalError(f"metric {metric} needs the model {model_id}, which is not in the local cache and could "
+                        f"not be fetched ({type(e).__name__}); fetch it with `hf download {model_id}` or check "
+                        f"the name") from None
 
 
 def _load(fn, model_id: str, metric: str):
