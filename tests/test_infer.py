@@ -386,6 +386,10 @@ def test_sizes_off_the_16_grid_are_refused_with_the_nearest(tiny_flux_dir, tmp_p
     rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "4100", "--height", "2304", "--rope", "yarn")
     assert rc == 2
     assert "the nearest valid width is 4096" in capsys.readouterr().err
+    # diffusers' context parallelism splits the positions, from which yarn/dype take their scales
+    rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "256", "--height", "256", "--rope", "dype-yarn",
+                "--context_parallel", "2")
+    assert rc == 2 and "--context_parallel with rope = dype-yarn" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir, tmp_path, capsys, monkeypatch):

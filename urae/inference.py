@@ -14,7 +14,7 @@ import torch
 
 from urae import speed
 from urae.config import ConfigError, Option, check_ranges, format_table, resolve
-from urae.rope import SCHEMES
+from urae.rope import SCHEMES, TABLE_SCHEMES
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -176,6 +176,16 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
                                     "dype_lambda") if cfg.get(k) is not None}
     if cfg["dynamic_shift"]:
         explicit["dynamic_shift"] = True
+    settings = _runtime_settings(explicit, req, adapter_runtime)
+    if (cfg.get("context_parallel") or 1) > 1 and settings.rope in TABLE_SCHEMES:
+        # diffusers splits img_ids across the processes, and these schemes take each axis's scale from the
+        # largest position a process sees
+        raise ConfigError(f"--context_parallel with rope = {settings.rope}: each process would see only part of the "
+                          f"rows and scale them wrongly; use one process, or --rope ntk / none")
+    return settings
+
+
+def _runtime_settings(explicit: dict, req, adapter_runtime: dict | None) -> HighResSettings:
     try:
         if adapter_runtime:
             keep = ("ntk_factor", "proportional_attention", "base_seq_len", *ROPE_KEYS)
