@@ -222,6 +222,28 @@ def test_offloaded_inputs_are_the_hidden_states_by_name():
     assert activation_leaves(Renamed(), (temb, hs)) == [1]
 
 
+def test_pinned_buffers_register_whole_pages_of_their_own(monkeypatch):
+    """The driver refuses to register a page twice: small buffers side by side must not share one. (The driver
+    call is recorded here; tests/test_memory_cuda.py makes it for real.)"""
+    import torch.cuda._pin_memory_utils as pmu
+
+    from urae.memory.pinned import PAGE, HostStack
+
+    registered = {}
+    monkeypatch.setattr(pmu, "pin_memory", lambda ptr, size: registered.__setitem__(ptr, size))
+    monkeypatch.setattr(pmu, "unpin_memory", lambda ptr: registered.pop(ptr))
+    stack = HostStack(pin=True)
+    views = [stack.take((n,), torch.float32) for n in (3, 700, 5, 1025)]  # the last one needs a second buffer
+    spans = sorted((p, p + n) for p, n in registered.items())
+    assert len(spans) == 2 and all(a % PAGE == 0 and (b - a) % PAGE == 0 for a, b in spans)
+    assert all(b <= c for (_, b), (c, _) in zip(spans, spans[1:]))  # no page registered twice
+    assert all(any(a <= v.data_ptr() < b for a, b in spans) for v in views)
+    stack.reset()  # the next step: one buffer of the step's total, the pieces unregistered
+    assert list(registered.values()) == [page_bytes(sum(aligned(n * 4) for n in (3, 700, 5, 1025)))]
+    stack.release()
+    assert registered == {}
+
+
 def test_pinned_memory_is_exact_where_torchs_allocator_rounds_up():
     """torch's caching host allocator (Tensor.pin_memory) rounds every request to a power of two; our buffers
     hold the payload to the page, and host_bytes counts exactly what they allocate."""
