@@ -243,3 +243,30 @@ def test_context_parallel_on_two_processes_equals_one(tiny_flux_dir, plain, tmp_
     assert len((out / "images.jsonl").read_text().splitlines()) == 1  # one writer
     assert same(out, plain[0])
     assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"context_parallel": "ulysses 2"}
+
+
+@pytest.mark.slow
+def test_speed_benchmark_rows_cpu_smoke(tmp_path):
+    """bench_infer_gpu.py --speed in its tiny CPU mode: a row per option, the cache rows' reused passes, the
+    lossless row equal to dense, and the JSON beside it."""
+    js = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_infer_gpu.py", "--speed", "--quick", "--cpu", "--json", str(js),
+                        "--speed-options", "dense", "backend:_native_math", "fbcache"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["option"]: row for row in json.loads(js.read_text())["speed_rows"]}
+    assert set(rows) == {"dense", "backend:_native_math", "fbcache"} and all(x["status"] == "ok" for x in rows.values())
+    assert rows["backend:_native_math"]["vs_dense"]["mean_abs_levels"] < 0.01
+    assert rows["fbcache"]["passes"] == 3 and "s/step" in r.stdout and "vs dense" in r.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload needs CUDA")
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_composes_with_cache_and_backend_on_a_gpu(tiny_flux_dir, tmp_path, offload):
+    base = ["--device", "cuda", "--dtype", "bf16", "--offload", offload]
+    dense = generate(tmp_path, tiny_flux_dir, "dense", *base)
+    fast = generate(tmp_path, tiny_flux_dir, "fast", *base, "--attention_backend", "_native_math",
+                    *(["--compile"] if offload == "model" else []))
+    assert max_diff(dense, fast) <= 2  # bf16
+    cached = generate(tmp_path, tiny_flux_dir, "cached", *base, "--cache", "taylorseer")
+    assert json.loads((cached / "images.jsonl").read_text())["approximate"].startswith("approximate (cache taylorseer")
