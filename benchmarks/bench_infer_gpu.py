@@ -55,7 +55,7 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
 T5_LENGTH = 512
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 datasheet figure (H200: same compute)
-ANCHOR_S = 5 * 60  # public URAE README: about 5 minutes per 4096² image on an H100
+ANCHOR_S = 5 * 60  # a note in the public URAE code's inference_4k.ipynb: about 5 minutes per 4096² image
 GOAL_S = 3 * 60
 
 FLOP_FORMULA = ("FLOP per transformer pass = B x (24 D^2 N + 4 D N^2) + 2 D (2 C N_img + J N_txt), with B = 57 blocks "
@@ -77,7 +77,7 @@ def flops_per_pass(cfg: dict, width: int, height: int, txt: int = T5_LENGTH) -> 
 
 
 def params_estimate_flops(n_params: float, width: int, height: int, cfg: dict, txt: int = T5_LENGTH) -> float:
-    """The issue's rougher count: 2 x parameters x tokens + attention (counts AdaLN and both streams per token)."""
+    """A rougher count: 2 x parameters x tokens + attention (counts AdaLN and both streams per token)."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     n = (height // 16) * (width // 16) + txt
     return 2 * n_params * n + (cfg["num_layers"] + cfg["num_single_layers"]) * 4 * d * n * n
@@ -275,10 +275,11 @@ def decode_estimate(decodes: dict[int, float], size: int) -> float:
 
 def print_anchor(cfg: dict, n_params: float, tiny: bool, ceiling: float) -> None:
     f_ours = flops_per_pass(FLUX_DEV_TRANSFORMER, 4096, 4096)
-    f_issue = params_estimate_flops(11.9e9, 4096, 4096, FLUX_DEV_TRANSFORMER)
-    print("anchor: the public URAE README says about 5 min per 4096x4096 image on an H100; goal here: <= 3 min on an H100")
-    print(f"floor: 28 steps x {f_issue / 1e15:.1f} PFLOP (2 x 11.9e9 parameters x 66,048 tokens + attention) at "
-          f"{H100_BF16_DENSE / 1e12:.0f} TFLOP/s (H100 dense bf16 datasheet) = {28 * f_issue / H100_BF16_DENSE / 60:.1f} "
+    f_params = params_estimate_flops(11.9e9, 4096, 4096, FLUX_DEV_TRANSFORMER)
+    print("anchor: a note in the public URAE code (inference_4k.ipynb) says about 5 min per 4096x4096 image on an "
+          "H100; goal here: <= 3 min on an H100")
+    print(f"floor: 28 steps x {f_params / 1e15:.1f} PFLOP (2 x 11.9e9 parameters x 66,048 tokens + attention) at "
+          f"{H100_BF16_DENSE / 1e12:.0f} TFLOP/s (H100 dense bf16 datasheet) = {28 * f_params / H100_BF16_DENSE / 60:.1f} "
           f"min; the per-token count below gives {f_ours / 1e15:.2f} PFLOP per step = "
           f"{28 * f_ours / H100_BF16_DENSE / 60:.1f} min"
           + ("" if tiny else f", {28 * f_ours / (ceiling * 1e12) / 60:.1f} min at this GPU's measured matmul ceiling"))

@@ -122,3 +122,18 @@ def test_compare_on_the_tiny_model_resumes_after_ctrl_c(tiny_flux_dir, tmp_path)
     assert data["groups"]["ntk4"]["settings"]["flags"] == "--steps 6 --width 256 --height 192 --ntk_factor 4 " \
                                                           "--proportional_attention"
     assert {r["row"] for r in data["images"]} == {"a red cat · seed 7", "a city at night, 4k · seed 7"}
+
+
+def test_eval_prompt_presets_parse_and_share_their_prompts():
+    from urae.prompts import read_prompts
+    from urae.runtime import check_resolution
+
+    plain = read_prompts(ROOT / "presets/eval_prompts.txt")
+    assert len(plain) >= 10 and all(set(r) == {"prompt"} for r in plain)
+    for k, long_side in (("2k", 2048), ("4k", 4096)):
+        sized = read_prompts(ROOT / f"presets/eval_prompts_{k}.txt")
+        assert [r["prompt"] for r in sized] == [r["prompt"] for r in plain]
+        for r in sized:
+            check_resolution(r["width"], r["height"])
+            assert max(r["width"], r["height"]) == long_side
+        assert {r["width"] == r["height"] for r in sized} == {True, False}  # square and not

@@ -414,11 +414,14 @@ def main(argv=None) -> int:
     from urae.adapters import AdapterError
     from urae.loading import ModelLoadError
     from urae.logs import setup_logging
+    from urae.optional_imports import defer_bitsandbytes, quantised_with_bitsandbytes
 
     setup_logging()
     on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         cfg = parse(argv)
+        if not quantised_with_bitsandbytes(cfg["model"]):  # before diffusers imports it (urae.optional_imports)
+            defer_bitsandbytes()
         print("settings:\n" + format_table(cfg, only_changed=True))
         run(cfg)
     except (ConfigError, ModelLoadError, AdapterError) as e:

@@ -25,7 +25,7 @@ LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights: the detail people see is in th
 QUANT_FLOOR = (1 / 255) ** 2 / 12 * sum(w * w for w in LUMA)
 FLOOR_MARGIN = 10.0  # power must stand 10 dB above the rounding floor to count
 HALF_POWER = 0.5  # -3 dB against the coarse scales' power law
-FIT_BAND = (0.01, 0.05)  # cycles/pixel fitted for the power law: below the Nyquist of a ×10 upscale
+FIT_BAND = (0.005, 0.08)  # cycles/pixel fitted for the power law: below the Nyquist (0.083) of a ×6 upscale
 HF_CUTOFF = 0.25  # the top octave: what a ×2 upscale cannot make
 
 
@@ -34,6 +34,7 @@ class Spectrum:
     freqs: np.ndarray  # bin centres, cycles per pixel, up to 0.5
     power: np.ndarray  # mean power per bin (variance units of [0, 1] luminance)
     energy: np.ndarray  # summed power per bin
+    count: np.ndarray  # spectrum samples per bin (a ring's mean is as certain as its count is large)
     long_side: int
 
 
@@ -72,21 +73,34 @@ def radial_spectrum(gray: torch.Tensor) -> Spectrum:
     energy = torch.bincount(ring, p * mult, minlength=n + 1)[:n]
     power = energy / count.clamp(min=1)
     freqs = (torch.arange(n, dtype=torch.float64) + 0.5) / (2 * n)
-    return Spectrum(freqs.numpy(), power.numpy(), energy.numpy(), max(h, w))
+    return Spectrum(freqs.numpy(), power.numpy(), energy.numpy(), count.numpy(), max(h, w))
 
 
-def effective_cutoff(s: Spectrum) -> float:
-    """The highest frequency (cycles/pixel) whose power is within 3 dB of the coarse scales' power law and
-    10 dB above the rounding floor; 0 for a flat image."""
+def power_law(s: Spectrum, slope: float | None = None) -> tuple[float, float] | None:
+    """(slope, log intercept) of the power law of the coarse scales, each ring weighted by its sample count; with
+    `slope` given only the intercept is fitted (a tile takes its image's slope: its own few coarse rings are too
+    noisy to set one)."""
     signal = s.power - QUANT_FLOOR
     band = (s.freqs >= FIT_BAND[0]) & (s.freqs <= FIT_BAND[1]) & (signal > 0)
     if band.sum() < 3:  # tiny images: fit what there is below a quarter of Nyquist
         band = (s.freqs <= 0.125) & (signal > 0)
     if band.sum() < 2:
+        return None
+    x, y, w = np.log(s.freqs[band]), np.log(signal[band]), s.count[band]
+    if slope is None:
+        slope, icpt = np.polyfit(x, y, 1, w=np.sqrt(w))
+        return float(slope), float(icpt)
+    return slope, float(np.average(y - slope * x, weights=w))
+
+
+def effective_cutoff(s: Spectrum, slope: float | None = None) -> float:
+    """The highest frequency (cycles/pixel) whose power is within 3 dB of the coarse scales' power law and
+    10 dB above the rounding floor; 0 for a flat image."""
+    fit = power_law(s, slope)
+    if fit is None:
         return 0.0
-    slope, icpt = np.polyfit(np.log(s.freqs[band]), np.log(signal[band]), 1)
-    trend = np.exp(icpt) * s.freqs ** slope
-    ok = (signal >= HALF_POWER * trend) & (s.power >= FLOOR_MARGIN * QUANT_FLOOR)
+    trend = np.exp(fit[1]) * s.freqs ** fit[0]
+    ok = (s.power - QUANT_FLOOR >= HALF_POWER * trend) & (s.power >= FLOOR_MARGIN * QUANT_FLOOR)
     # smooth over ±2.5% of the band so one ring of noise neither makes nor breaks the cutoff
     k = max(1, len(ok) // 40)
     frac = np.convolve(ok.astype(np.float64), np.ones(2 * k + 1) / (2 * k + 1), mode="same")
@@ -120,10 +134,11 @@ def detail(image, tile: int | None = None) -> dict[str, float]:
     s = radial_spectrum(gray)
     out = {"effective_resolution": 2 * effective_cutoff(s) * max(h, w), "hf_share": hf_share(s)}
     if tile:
+        fit = power_law(s)
         cuts, shares = [], []
         for left, top, right, bottom in tiles(w, h, tile):
             t = radial_spectrum(gray[top:bottom, left:right])
-            cuts.append(2 * effective_cutoff(t) * max(h, w))
+            cuts.append(2 * effective_cutoff(t, fit[0] if fit else None) * max(h, w))
             shares.append(hf_share(t))
         out["effective_resolution@tiles"] = float(np.median(cuts))
         out["hf_share@tiles"] = float(np.mean(shares))
