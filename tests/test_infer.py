@@ -410,6 +410,12 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir
     assert err == [f"interrupted after 1 of 3 image(s); the 1 finished are kept in {out}"], err
     assert len(list(out.glob("*.png"))) == 1 and len((out / "images.jsonl").read_text().splitlines()) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for whoever runs next
+    import urae.inference
+
+    calls[:] = [1, 1]  # past the simulated Ctrl-C; run() alone (as the eval tool calls it): finished, then the handler is put back
+    urae.inference.run(urae.inference.parse(["--model", str(tiny_flux_dir), "--output_dir", str(tmp_path / "b"),
+                                             "--steps", "1", "--prompt", "x", "--width", "64", "--height", "64"]))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_gpu_memory_line_uses_the_run_dtype_and_fp8():
