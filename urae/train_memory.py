@@ -56,6 +56,11 @@ def host_budget_bytes(gib: float | None) -> int:
     return int(0.7 * total / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the training GPU, None without one (the one place that asks, so a test can pretend)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, fsdp: bool,
                    world: int) -> MemoryChoice:
     from urae.data.options import parse_resolution
@@ -65,9 +70,9 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
     explicit = {k: cfg[k] for k in MEMORY_KEYS if cfg[k] is not None}
     w, h = parse_resolution(cfg["resolution"])
     batch = cfg["train_batch_size"]
-    auto = cfg["memory"] == "auto" and device.type == "cuda" and not fsdp and cfg["gradient_checkpointing"]
+    total = device_memory_bytes(device)
+    auto = cfg["memory"] == "auto" and total is not None and not fsdp and cfg["gradient_checkpointing"]
     if auto:
-        total = torch.cuda.get_device_properties(device).total_memory
         host = host_budget_bytes(cfg["host_memory_budget"])
         try:  # the keys the user set stay as set; auto chooses the others
             options, _ = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
@@ -84,7 +89,7 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
                         "trains (README, 'Fit your GPU'); more host RAM (host_memory_budget) or a bigger GPU avoids it")
     else:
         options = dataclasses.replace(MemoryOptions(), **explicit)
-        how = ("no GPU: nothing to fit" if device.type != "cuda" else
+        how = ("no GPU: nothing to fit" if total is None else
                f"FSDP over {world} GPUs" if fsdp and cfg["memory"] == "auto" else
                "memory = auto needs gradient checkpointing: everything resident" if cfg["memory"] == "auto" else
                "memory = off")
@@ -97,6 +102,6 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
         check_memory_options(options, block_counts(model_config), device, cfg["gradient_checkpointing"])
     except MemoryConfigError as e:
         raise ConfigError(str(e)) from None
-    peak = None if fsdp or device.type != "cuda" or not cfg["gradient_checkpointing"] else estimate_peak_bytes(
+    peak = None if fsdp or total is None or not cfg["gradient_checkpointing"] else estimate_peak_bytes(
         options, w, h, batch_size=batch, rank=cfg["network_dim"], gradient_checkpointing=True)
     return MemoryChoice(options, peak, how)
