@@ -147,8 +147,9 @@ def extract(tuned, base, rank: int, targets: str = "urae", progress: bool = True
             _put(out, f"{PEFT_UNET}.{name}", "peft", down, up, down.shape[0], torch.float32)
     if not out:
         raise UserError(f"{tuned} and {base} have identical weights in every target layer; nothing to extract")
-    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "flux1",
-            "urae_extracted_rank": str(rank), "urae_extracted_targets": targets,
+    written = max(v.shape[0] for k, v in out.items() if k.endswith(".lora_A.weight"))  # min(rank, out, in)
+    meta = {"ss_network_dim": str(written), "ss_network_alpha": str(written), "ss_base_model_version": "flux1",
+            "urae_extracted_rank": str(written), "urae_extracted_targets": targets,
             "urae_extracted_max_rel_error": f"{max(e[1] for e in errors):.3e}",
             "urae_extracted_max_rounding_floor": f"{max(e[2] for e in errors):.3e}"}
     return out, meta, errors
@@ -192,7 +193,11 @@ def _run(a) -> int:
     errs = sorted(errors, key=lambda t: -t[1])
     mean = sum(e[1] for e in errors) / len(errors)
     floor = sum(e[2] for e in errors) / len(errors)
-    print(f"wrote {output}: {len(errors)} layers; relative error of the rank-{a.rank} LoRA against tuned - base: "
+    rank = int(meta["urae_extracted_rank"])
+    if rank < a.rank:
+        print(f"note: written at rank {rank}, not {a.rank}: a layer's rank is at most its smaller side "
+              f"(min(out, in) = {rank} for these layers), and that rank already holds the change exactly")
+    print(f"wrote {output}: {len(errors)} layers; relative error of the rank-{rank} LoRA against tuned - base: "
           f"mean {mean:.3e}, max {errs[0][1]:.3e} (rounding floor of the stored tuned weights: mean {floor:.3e}; "
           f"an error near the floor is that rounding, not a missing rank)")
     for name, e, f in errs[:5]:

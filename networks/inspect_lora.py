@@ -2,9 +2,10 @@
 
     python -m networks.inspect_lora FILE [--json]
 
-Forms: `ours` (written by networks.minor_lora, with urae_* metadata), `kohya` (lora_unet_<BFL path>,
-lora_down/lora_up), `peft` (transformer.<diffusers path>.lora_A/lora_B) and `urae-official` (the
-4K attention-processor file, `<path>.attn.processor.to_q_a.weight`; see networks.convert_lora).
+Forms (by the keys): `kohya` (lora_unet_<BFL path>, lora_down/lora_up), `peft` (transformer.<diffusers
+path>.lora_A/lora_B) and `urae-official` (the 4K attention-processor file,
+`<path>.attn.processor.to_q_a.weight`; see networks.convert_lora). A file written by networks.minor_lora
+(urae_* metadata) is one of the first two and is named as such, with the layout it was written in.
 Targets are counted in diffusers Linear names; a fused kohya module counts the row slices (q, k, v,
 MLP) its block-diagonal up actually changes.
 """
@@ -171,10 +172,9 @@ def diffusers_slices(rec: dict) -> list[str]:
 
 
 def detect_form(sd: dict, meta: dict) -> str:
+    """The form the keys are in; who wrote the file is `written_by` in describe()."""
     if is_official(sd):
         return "urae-official"
-    if "urae_format" in meta:
-        return "ours"
     keys = list(sd)
     if any(k.endswith(".lora_down.weight") for k in keys):
         return "kohya"
@@ -226,7 +226,10 @@ def describe(path) -> dict:
     note = rank_note(meta, info)
     if note:
         info["rank_note"] = note
-    if form == "ours" and meta.get("urae_layout") not in (None, info["layout"]):
+    if "urae_format" in meta:
+        info["written_by"] = "minor_lora"
+    if "urae_format" in meta and meta.get("urae_layout") not in (None, info["layout"]):
+        info["converted_from"] = meta["urae_layout"]
         info["note"] = (f"written by minor_lora in the {meta['urae_layout']} layout and converted: it applies the "
                         f"same ΔW; minor_lora resumes training only from a file in the model's own layout")
     ours = {k: v for k, v in meta.items() if k.startswith("urae_") and k not in ("urae_structure",
@@ -273,7 +276,10 @@ def format_text(info: dict) -> str:
         return ", ".join(f"{k} ({v})" if len(d) > 1 else str(k) for k, v in d.items()) or "-"
 
     lines = [
-        f"{info['file']}: {info['form']} LoRA ({info['layout']} layout), {_size(info['bytes'])}, "
+        f"{info['file']}: {info['form']} LoRA ({info['layout']} layout"
+        + (", written by minor_lora" if info.get("written_by") else "")
+        + (f", converted from its {info['converted_from']} layout" if info.get("converted_from") else "")
+        + f"), {_size(info['bytes'])}, "
         f"{info['tensors']} tensors",
         f"  modules:   {info['modules']} transformer" + (f" + {info['text_encoder_modules']} text encoder"
                                                         if info.get("text_encoder_modules") else "")

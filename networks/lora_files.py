@@ -90,6 +90,9 @@ def run_cli(body) -> int:
                 previous[s] = signal.signal(s, stop)
     try:
         return body()
+    except BrokenPipeError:  # `… | head` closed the pipe: the reader has what it wanted; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return 0
     except (UserError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -108,17 +108,18 @@ def _deltas(ck: Checkpoint, loras: list[tuple[str, float]]) -> tuple[dict[str, l
     return items, records
 
 
-def _merged(ck: Checkpoint, key: str, deltas: dict, dtype) -> torch.Tensor:
+def _merged(ck: Checkpoint, key: str, deltas: dict, dtype) -> tuple[torch.Tensor, bool]:
+    """The written tensor, and whether it differs from the input's (a change below the output's rounding,
+    or a scale of 0, leaves a targeted weight bit-identical, which the summary must not count)."""
     t = ck.tensor(key)
     items = deltas.get(ck.strip(key)[: -len(".weight")]) if key.endswith(".weight") else None
+    w = t
     if items:
-        w = t.float()
+        w = t.to(torch.float32, copy=True)  # t stays the input's values to compare against
         for a, b, down, up in items:
             w[a:b] += up @ down
-        t = w
-    if dtype is not None and t.is_floating_point():
-        return t.to(dtype)
-    return t.to(ST_NAMES[ck.info[key][0]])
+    out = w.to(dtype) if dtype is not None and w.is_floating_point() else w.to(ST_NAMES[ck.info[key][0]])
+    return out, bool(items) and not torch.equal(out, t.to(out.dtype))
 
 
 def _entries(ck: Checkpoint, f: Path, dtype) -> list:
@@ -150,10 +151,13 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
         check_free_space(out, need, "the merged model")
         total = sum(len(ck.keys(f)) for f in ck.files)
         bar = progress_bar(desc="merging tensors", enabled=progress, total=total)
+        changed = []
 
         def produce(k):
             bar.update(1)
-            return _merged(ck, k, deltas, save_dtype)
+            t, differs = _merged(ck, k, deltas, save_dtype)
+            changed.extend([k] if differs else [])
+            return t
 
         def file_meta(f):
             meta = dict(ck.metadata[f])
@@ -169,7 +173,8 @@ def merge_into_checkpoint(model, out, loras: list[tuple[str, float]], save_dtype
             raise UserError(f"{out}: the disk filled up while writing (the merged model needs about "
                             f"{human_size(need)} beside the output); the partial output was removed") from e
         bar.close()
-        return {"layout": ck.layout, "changed_weights": len(deltas), "tensors": total, "output": out}
+        return {"layout": ck.layout, "changed_weights": len(changed), "targeted_weights": len(deltas),
+                "tensors": total, "output": out}
 
 
 def _write(ck: Checkpoint, out: Path, produce, file_meta, save_dtype, skip: set) -> None:
@@ -307,8 +312,10 @@ def _run(a) -> int:
           f"-> {out}" + (f" as {a.save_dtype}" if a.save_dtype else ""))
     info = merge_into_checkpoint(model, out, loras, dtype, progress=not a.no_progress, overwrite=a.overwrite,
                                  metadata=not a.no_metadata)
+    same = info["targeted_weights"] - info["changed_weights"]
     print(f"wrote {info['output']}: {info['changed_weights']} weights changed of {info['tensors']} tensors "
-          f"({info['layout']} layout)")
+          f"({info['layout']} layout)" + (f"; {same} weight(s) the LoRAs target came out bit-identical "
+                                          f"(scale 0, or a change below the output dtype's rounding)" if same else ""))
     return 0
 
 

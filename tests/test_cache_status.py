@@ -142,10 +142,23 @@ def test_only_the_vae_when_texts_are_complete_and_memo_survives(tmp_path, model,
     assert cache_status(opts(tmp_path), str(model), dtype=torch.float32, prompts=PROMPTS).complete
 
 
+def test_another_storage_dtype_is_counted_before_the_vae_loads(tmp_path, model, parts):
+    """One latent version per image: a run storing another dtype says, before loading the VAE, how many files
+    it will re-encode and why."""
+    plan = first_run(tmp_path, model, parts)
+    plan.entries[0].latent_file.unlink()
+    status = cache_status(opts(tmp_path), str(model), dtype=torch.bfloat16, prompts=PROMPTS)
+    assert status.latents.state == "unknown" and status.needs_vae
+    assert status.latents.why.endswith("so the VAE loads to encode: 1 missing, 2 stored as float32 (this run stores "
+                                       "bfloat16; the new files replace them)"), status.latents.why
+
+
 def test_no_vae_and_unknown_latents_is_an_error(tmp_path, model, parts):
     make_data(tmp_path / "data")
     status = cache_status(opts(tmp_path), str(model), dtype=torch.float32)
     assert status.latents.state == status.texts.state == "unknown"
+    assert status.latents.why == ("no caching run has used these VAE files in float32 yet, so the VAE loads: all 3 "
+                                  "latent files are still to be encoded")
     with pytest.raises(ValueError, match="no vae"):
         build_caches(opts(tmp_path), {k: v for k, v in parts.items() if k != "vae"}, status=status, progress=False)
 

@@ -98,6 +98,10 @@ def test_runs_are_not_mixed_and_overwrite_clears_the_old_one(trained, tmp_path):
     check_output_dir(tmp_path, resuming=True, overwrite=False, output_name="x")
     truncate_log(tmp_path / "train_log.jsonl", 2)
     assert (tmp_path / "train_log.jsonl").read_text() == json.dumps({"step": 1}) + "\n"
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "0000002_00.png").write_bytes(b"old run")
+    (tmp_path / "mine.txt").write_text("a file of the user's")
     clear_run(tmp_path, "x")
     assert list_states(tmp_path) == [] and not (tmp_path / RUN_MARKER).exists()
+    assert not (tmp_path / "samples").exists() and (tmp_path / "mine.txt").is_file()
     check_output_dir(tmp_path, resuming=False, overwrite=False, output_name="x")

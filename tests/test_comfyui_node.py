@@ -36,7 +36,8 @@ from urae.tiny import (
 )
 
 VENDOR = Path(__file__).resolve().parents[1].parent / "shared" / "vendor"
-COMFYUI = VENDOR / "ComfyUI-0.8.0"
+# a ComfyUI v0.8.0 checkout elsewhere: URAE_COMFYUI_DIR=/path/to/ComfyUI
+COMFYUI = Path(os.environ.get("URAE_COMFYUI_DIR") or VENDOR / "ComfyUI-0.8.0")
 # CI sets URAE_REQUIRE_COMFYUI=1: there a missing vendor folder fails these tests instead of skipping them
 if not COMFYUI.is_dir() and os.environ.get("URAE_REQUIRE_COMFYUI", "") not in ("", "0"):
     raise RuntimeError(f"URAE_REQUIRE_COMFYUI is set but ComfyUI's code is not at {COMFYUI}")

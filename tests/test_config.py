@@ -66,6 +66,8 @@ def test_precedence_default_then_toml_then_command_line(tmp_path):
     ([], "sise = 1\n", "unknown key 'sise' (did you mean 'size'?)"),
     ([], 'mode = "slow"\n', "choose one of fast, exact"),
     ([], 'size = "big"\n', "size = 'big' is not a valid int"),
+    ([], 'size = "128"\n', "size = '128' is not a valid int (a number is written without quotes in TOML)"),
+    ([], 'ratio = "1e-3"\n', "ratio = '1e-3' is not a valid float (a number is written without quotes"),
     ([], "flag = 3\n", "flag = 3 is not a valid bool"),
     (["--table", "{k = "], None, "not an inline TOML table"),
     ([], "size = = 1\n", "is not valid TOML"),
@@ -89,6 +91,26 @@ def test_unknown_flag_suggests_the_closest(capsys):
         resolve(OPTS, ["--sise", "3"], "prog", "d")
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: unknown option --sise (did you mean 'size'?) (see prog --help)\n"
+
+
+def test_sd_scripts_flags_say_what_they_mean_here(tmp_path, capsys):
+    """The trainer's map of sd-scripts' flags: each says what to use instead, on the command line and in TOML,
+    and no mapped name is a key of ours (it would never be reached)."""
+    from urae.train_options import OPTIONS as TRAIN
+    from urae.train_options import SD_SCRIPTS_FLAGS
+    from urae.trainer import parse
+
+    assert not set(SD_SCRIPTS_FLAGS) & ({o.name for o in TRAIN} | {a for o in TRAIN for a in o.aliases})
+    for flag, want in (("--sdpa", "scaled_dot_product_attention"), ("--cache_latents", "always cached on disk"),
+                       ("--network_weights", "resume = auto")):
+        with pytest.raises(SystemExit) as e:
+            parse([flag])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: unknown option {flag}: ") and want in err, err
+        assert "did you mean" not in err
+    (tmp_path / "c.toml").write_text("max_train_epochs = 4\n")
+    with pytest.raises(ConfigError, match="unknown key 'max_train_epochs': use max_train_steps"):
+        parse(["--config", str(tmp_path / "c.toml")])
 
 
 def test_toml_writer_round_trips_a_resolved_config(tmp_path):

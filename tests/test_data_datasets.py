@@ -38,6 +38,45 @@ def test_json_side_files_give_both_variants(tmp_path):
                     "b.png": {"generated_prompt": "only generated"}}
 
 
+def test_captions_found_by_whichever_side_file_exists_unless_an_extension_is_given(tmp_path, caplog):
+    # the public URAE data: .json with prompt / generated_prompt, read with no caption_extension set
+    write_image(tmp_path / "a.jpg", 64, 64)
+    (tmp_path / "a.json").write_text(json.dumps({"prompt": "short", "generated_prompt": "long"}))
+    write_image(tmp_path / "b.png", 64, 64, 1)
+    (tmp_path / "b.caption").write_text("from .caption")
+    write_image(tmp_path / "c.png", 64, 64, 2)
+    (tmp_path / "c.txt").write_text("from .txt")
+    (tmp_path / "c.json").write_text(json.dumps({"prompt": "not read: .txt comes first"}))
+    res = scan(_opts(train_data_dir=str(tmp_path)))
+    assert {it.path.name: it.captions for it in res.items} == {
+        "a.jpg": {"prompt": "short", "generated_prompt": "long"}, "b.png": {"prompt": "from .caption"},
+        "c.png": {"prompt": "from .txt"}}
+    assert res.missing_captions == 0 and res.bad_captions == []
+    # an explicit extension narrows the search to it
+    res = scan(_opts(train_data_dir=str(tmp_path), caption_extension=".json"))
+    assert {it.path.name: it.captions["prompt"] for it in res.items} == {
+        "a.jpg": "short", "b.png": "", "c.png": "not read: .txt comes first"}
+    assert res.missing_captions == 1
+
+
+def test_captions_that_exist_but_give_nothing_are_named(tmp_path, caplog):
+    for i, (name, text) in enumerate({"e.txt": " \n\n", "j.json": "{not json", "k.json": '{"tags": "x"}',
+                                      "u.txt": b"\xff\xfe\xfa bad utf-8", "ok.txt": "fine"}.items()):
+        write_image(tmp_path / f"{name.split('.')[0]}.png", 48, 48, i)
+        side = tmp_path / name
+        side.write_bytes(text) if isinstance(text, bytes) else side.write_text(text)
+    with caplog.at_level(logging.WARNING):
+        res = scan(_opts(train_data_dir=str(tmp_path)))
+    assert {p.name: why for p, why in res.bad_captions} == {
+        "e.txt": "empty", "j.json": "not valid JSON", "k.json": "no prompt or generated_prompt in it",
+        "u.txt": "unreadable (UnicodeDecodeError)"}
+    assert res.missing_captions == 0
+    warning = next(r.getMessage() for r in caplog.records if "give no caption" in r.getMessage())
+    assert warning.startswith("4 caption file(s) give no caption") and all(
+        str(tmp_path / n) in warning for n in ("e.txt", "j.json", "k.json", "u.txt"))
+    assert {it.path.name: it.captions["prompt"] for it in res.items}["ok.png"] == "fine"
+
+
 def test_missing_captions_one_warning_with_count(tmp_path, caplog):
     for i in range(3):
         write_image(tmp_path / f"{i}.png", 48, 48, i)
@@ -59,7 +98,7 @@ def test_images_much_smaller_than_their_bucket_one_warning(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("2 of 5 images are upscaled more than 1.5× to fit their bucket (most: 1.60×")
-    assert "URAE's 4K recipe needs real ≥ 4K photos" in warnings[0]
+    assert "use images at least that large" in warnings[0] and "4K recipe" not in warnings[0].split(";")[0]
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -89,7 +128,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         scan(DataOptions())
 
 
-def test_sd_scripts_dataset_toml(tmp_path, caplog):
+def test_sd_scripts_dataset_toml(tmp_path, caplog, monkeypatch):
     for d, n in (("set_a", 2), ("set_b", 1)):
         for i in range(n):
             p = write_image(tmp_path / d / f"{i}.png", 200, 100, i)
@@ -125,6 +164,7 @@ bucket_reso_steps = 32
   caption_extension = ".json"
   real_prompt_ratio = 0.2
 """)
+    monkeypatch.chdir(tmp_path)  # image_dir is relative to the current folder, as every path
     with caplog.at_level(logging.WARNING):
         res = scan(DataOptions(dataset_config=str(toml), resolution=2048))
     by_dir = {}
@@ -171,3 +211,17 @@ def test_exif_rotation_and_pixels(tmp_path):
     px, crop = bucket_pixels(res.path, res.bucket)
     assert px.shape == (3, 64, 32) and px.min() >= -1 and px.max() <= 1 and px.dtype.is_floating_point
     assert crop.original == (80, 160) and crop.resized == (32, 64)
+
+
+def test_dataset_config_paths_follow_the_one_rule_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """image_dir is relative to the folder the command runs in, like every other path; one that only exists
+    beside the TOML is an error that says so and gives the path to write."""
+    (tmp_path / "cfg" / "imgs").mkdir(parents=True)
+    write_image(tmp_path / "cfg" / "imgs" / "a.png", 64, 64).with_suffix(".txt").write_text("a")
+    toml = tmp_path / "cfg" / "data.toml"
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"relative to the current folder .* write .*cfg/imgs"):
+        scan(DataOptions(dataset_config=str(toml), resolution=64))
+    monkeypatch.chdir(tmp_path / "cfg")
+    assert [it.path.name for it in scan(DataOptions(dataset_config=str(toml), resolution=64)).items] == ["a.png"]

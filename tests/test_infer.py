@@ -1,6 +1,7 @@
 """flux_urae_infer.py on the tiny pipeline: equals diffusers with the same LoRA, settings, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_output_equals_diffusers_with_the_same_lora_and_settings(tiny_flux_dir, 
     rc, out = run(tmp_path, tiny_flux_dir, "--lora", str(trained_lora), "--prompt", "a red circle",
                   "--width", "384", "--height", "256", "--seed", "5")
     assert rc == 0
-    ours = np.asarray(Image.open(out / "00000_5.png"), dtype=np.int16)
+    ours = np.asarray(Image.open(out / "00000_5_384x256.png"), dtype=np.int16)
     assert ours.shape == (256, 384, 3)
 
     ref = FluxPipeline.from_pretrained(tiny_flux_dir)
@@ -65,7 +66,7 @@ def test_runtime_comes_from_metadata_and_is_overridable(tiny_flux_dir, trained_l
     rc, out = run(tmp_path, tiny_flux_dir, "--lora", str(trained_lora), "--prompt", "x", "--width", "256",
                   "--height", "256")
     assert rc == 0
-    info = read_png_info(out / "00000_0.png")
+    info = read_png_info(out / "00000_0_256x256.png")
     rt = json.loads(info["runtime"])
     assert rt["ntk_factor"] == 7.0 and rt["proportional_attention"] is True
     rc, out2 = run(tmp_path / "b", tiny_flux_dir, "--lora", str(trained_lora), "--prompt", "x", "--width", "256",
@@ -83,13 +84,21 @@ def test_size_defaults_without_metadata(tiny_flux_dir, tmp_path):
     assert rec["runtime"]["ntk_factor"] == 10.0 and rec["runtime"]["proportional_attention"] is True
 
 
+def test_loaded_line_names_the_model_and_dtype_actually_loaded(tiny_flux_dir, tmp_path, capsys):
+    rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1",
+                "--dtype", "fp16", "--device", "cpu")
+    out = capsys.readouterr().out
+    assert rc == 0 and f"loaded: transformer of {tiny_flux_dir}, " in out and "parameters in float16" in out, out
+    assert "memory (expected for FLUX.1-dev" not in out  # GPU figures only for a GPU run
+
+
 def test_schnell_runs_and_ignores_guidance(tiny_schnell_dir, tmp_path):
     rc, out = run(tmp_path, tiny_schnell_dir, "--prompt", "x", "--width", "128", "--height", "128",
                   "--guidance", "5")
     assert rc == 0
     rc, out0 = run(tmp_path / "b", tiny_schnell_dir, "--prompt", "x", "--width", "128", "--height", "128",
                    "--guidance", "0")
-    a, b = (np.asarray(Image.open(o / "00000_0.png")) for o in (out, out0))
+    a, b = (np.asarray(Image.open(o / "00000_0_128x128.png")) for o in (out, out0))
     assert (a == b).all()
 
 
@@ -97,21 +106,22 @@ def test_two_stage_and_init_image_make_the_target_size(tiny_flux_dir, tmp_path):
     rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "512", "--height", "256",
                   "--init_resolution", "256", "--strength", "0.5", "--steps", "4")
     assert rc == 0
-    assert Image.open(out / "00000_0.png").size == (512, 256)
+    assert Image.open(out / "00000_0_512x256.png").size == (512, 256)
     rec = json.loads((out / "images.jsonl").read_text())
     assert rec["init_resolution"] == 256 and rec["strength"] == 0.5
     init = tmp_path / "init.png"
     Image.new("RGB", (100, 60), (200, 30, 30)).save(init)
     rc, out2 = run(tmp_path / "c", tiny_flux_dir, "--prompt", "x", "--width", "192", "--height", "128",
                    "--init_image", str(init))
-    assert rc == 0 and Image.open(out2 / "00000_0.png").size == (192, 128)
+    assert rc == 0 and Image.open(out2 / "00000_0_192x128.png").size == (192, 128)
 
 
-def test_existing_images_are_never_overwritten(tiny_flux_dir, tmp_path):
+def test_existing_images_are_never_overwritten_and_names_keep_counting(tiny_flux_dir, tmp_path):
+    """Names are index_seed_WxH; a second run into the folder continues the index instead of renaming."""
     for _ in range(2):
         assert run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1")[0] == 0
     names = sorted(p.name for p in (tmp_path / "imgs").glob("*.png"))
-    assert names == ["00000_0-1.png", "00000_0.png"]
+    assert names == ["00000_0_64x64.png", "00001_0_64x64.png"]
     assert len((tmp_path / "imgs" / "images.jsonl").read_text().splitlines()) == 2
 
 
@@ -131,7 +141,8 @@ def _one_error_line(err: str, want: str, lines_after: int = 0) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other_arch", "size", "empty_prompts", "no_prompt",
-                                  "two_inits", "official_4k", "no_images", "bad_line", "bad_shift"])
+                                  "two_inits", "official_4k", "no_images", "bad_line", "bad_shift", "strength",
+                                  "strength_0"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trained_lora, tmp_path, capsys):
     extra = ["--prompt", "x", "--width", "64", "--height", "64"]
     if case == "missing":
@@ -182,10 +193,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
     elif case == "bad_shift":
         extra += ["--shift", "-1"]
         want = "shift must be positive"
+    elif case in ("strength", "strength_0"):
+        extra = ["--prompt", "x", "--width", "256", "--height", "256", "--init_resolution", "128", "--strength",
+                 "1.5" if case == "strength" else "0"]
+        want = "--strength must be in (0, 1]"
     else:
         extra = []
         want = "no prompts"
-    if case in ("no_images", "bad_line", "bad_shift", "size", "empty_prompts", "two_inits"):
+    if case in ("no_images", "bad_line", "bad_shift", "size", "empty_prompts", "two_inits", "strength", "strength_0"):
         tiny_flux_dir = tmp_path / "no-model-here"  # found before any model is looked at
     rc, out = run(tmp_path, tiny_flux_dir, *extra)
     assert rc == 2
@@ -194,22 +209,23 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_flux_dir, trai
 
 
 @torch.no_grad()
-def test_split_vae_decode_equals_whole_decode(tiny_flux_dir):
-    """The row-chunked decode (used above 2048²) is exact, unlike per-tile decoding."""
+@pytest.mark.parametrize("h,w", [(48, 40), (36, 64), (64, 36), (16, 40)])  # 5:6, 16:9, 9:16, 5:2 latents
+def test_split_vae_decode_equals_whole_decode(tiny_flux_dir, h, w):
+    """The row-chunked decode (used above 2048²) is exact, unlike per-tile decoding, at any aspect ratio."""
     from urae.vae_decode import decode
 
     vae = FluxPipeline.from_pretrained(tiny_flux_dir).vae
-    z = torch.randn(1, 16, 48, 40, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(0))
     whole = vae.decode(z).sample
-    split = decode(vae, z, split=True, chunk_pixels=320 * 7, threshold=64 * 64)  # 7-row chunks
-    assert split.shape == whole.shape == (1, 3, 384, 320)
+    split = decode(vae, z, split=True, chunk_pixels=w * 8 * 7, threshold=64 * 64)  # 7-row chunks
+    assert split.shape == whole.shape == (1, 3, h * 8, w * 8)
     assert (split - whole).abs().max() < 1e-4 * whole.abs().max()
 
 
 def test_forced_split_decode_gives_the_same_image(tiny_flux_dir, tmp_path):
     a = run(tmp_path / "a", tiny_flux_dir, "--prompt", "x", "--width", "128", "--height", "96")[1]
     b = run(tmp_path / "b", tiny_flux_dir, "--prompt", "x", "--width", "128", "--height", "96", "--vae_tiling")[1]
-    ia, ib = (np.asarray(Image.open(o / "00000_0.png"), dtype=np.int16) for o in (a, b))
+    ia, ib = (np.asarray(Image.open(o / "00000_0_128x96.png"), dtype=np.int16) for o in (a, b))
     assert np.abs(ia - ib).max() <= 1
 
 
@@ -223,12 +239,12 @@ def test_prompt_line_flags_reach_the_pipeline_as_in_sd_scripts(tiny_flux_dir, tm
     printed = capsys.readouterr().out
     assert "size 128x96: 1 image(s), from the prompts file's --w/--h" in printed
     assert "true CFG at scale 3.0" in printed
-    ours = np.asarray(Image.open(out / "00000_3.png"), dtype=np.int16)
+    ours = np.asarray(Image.open(out / "00000_3_128x96.png"), dtype=np.int16)
     assert ours.shape == (96, 128, 3)
     rec = json.loads((out / "images.jsonl").read_text())
     assert (rec["guidance"], rec["cfg_scale"], rec["negative_prompt"]) == (2.5, 3.0, "blurry")
     assert rec["runtime"]["shift"] == 3.0
-    assert json.loads(read_png_info(out / "00000_3.png")["runtime"])["shift"] == 3.0
+    assert json.loads(read_png_info(out / "00000_3_128x96.png")["runtime"])["shift"] == 3.0
 
     ref = FluxPipeline.from_pretrained(tiny_flux_dir)
     with apply_highres(ref, HighResSettings()):
@@ -308,6 +324,8 @@ def test_fp8_storage_generates_as_fp8_rounded_weights_do(tiny_flux_dir, trained_
     rounded = tmp_path / "rounded"
     shutil.copytree(tiny_flux_dir, rounded)
     t = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
+    n_block_linears = sum(isinstance(m, torch.nn.Linear) for b in [*t.transformer_blocks, *t.single_transformer_blocks]
+                          for m in b.modules())
     with torch.no_grad():
         for block in [*t.transformer_blocks, *t.single_transformer_blocks]:
             for m in block.modules():
@@ -321,9 +339,89 @@ def test_fp8_storage_generates_as_fp8_rounded_weights_do(tiny_flux_dir, trained_
                                ("full", tiny_flux_dir, [])):
         rc, out = run(tmp_path / name, model, *common, *extra)
         assert rc == 0
-        images[name] = np.asarray(Image.open(out / "00000_0.png"), dtype=np.int16)
-        if name == "fp8":
-            assert "memory: fp8 transformer 11.1 GiB" in capsys.readouterr().out
+        images[name] = np.asarray(Image.open(out / "00000_0_256x256.png"), dtype=np.int16)
+        printed = capsys.readouterr().out
+        if name == "fp8":  # what it did to this model on this device, not FLUX.1-dev's GPU figures
+            assert "memory (expected for FLUX.1-dev" not in printed and "11.1 GiB" not in printed
+            m = re.search(r"--fp8 stored (\d+) block Linear weights as float8 e4m3 on cpu .*: "
+                          r"([\d.]+) KiB -> ([\d.]+) KiB \(upcast to float32 per layer\)", printed)
+            assert m and int(m.group(1)) == n_block_linears and float(m.group(3)) < float(m.group(2)), printed
     to_rounded, to_full = np.abs(images["fp8"] - images["rounded"]), np.abs(images["fp8"] - images["full"])
     assert to_rounded.max() <= 1
     assert to_full.sum() > 10 * to_rounded.sum() + 1000, (to_full.sum(), to_rounded.sum())  # fp8 really applied
+
+
+def test_rope_scheme_from_the_flag_or_the_adapter_reaches_png_jsonl_and_plan(tiny_flux_dir, tmp_path, capsys):
+    """--rope dype-yarn at a 16:9 size past the base grid (base 256 px here, as 4096 x 2304 is past 1024): the
+    plan says the scheme and where it came from, PNG text and images.jsonl record it; an adapter trained under
+    a scheme makes it the default, and --rope still wins."""
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "1024", "--height", "576", "--steps", "1",
+                  "--rope", "dype-yarn", "--rope_base_resolution", "256")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "position scheme: dype-yarn (base 256, lambda 2) (from --rope)" in text
+    rec = json.loads((out / "images.jsonl").read_text())
+    assert rec["runtime"]["rope"] == "dype-yarn" and rec["runtime"]["rope_base_resolution"] == 256
+    assert json.loads(read_png_info(out / rec["file"])["runtime"])["rope"] == "dype-yarn"
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    trained = {"rope": "dype-ntk", "rope_base_resolution": 512, "dype_lambda": 1.5, "proportional_attention": True}
+    net = minor_lora.create_network(1.0, 4, 4.0, None, [], pipe.transformer, init="minor", targets="urae",
+                                    verbose="False", runtime=json.dumps(trained))
+    net.apply_to([], pipe.transformer, False, True)
+    lora = tmp_path / "dype.safetensors"
+    net.save_weights(str(lora), None, {})
+    rc, out = run(tmp_path / "b", tiny_flux_dir, "--lora", str(lora), "--prompt", "x", "--width", "1024",
+                  "--height", "576", "--steps", "1")
+    assert rc == 0 and "position scheme: dype-ntk (base 512, lambda 1.5) (from the adapter's metadata)" in \
+        capsys.readouterr().out
+    rt = json.loads((out / "images.jsonl").read_text())["runtime"]
+    assert {k: rt[k] for k in trained} == trained
+    rc, out = run(tmp_path / "c", tiny_flux_dir, "--lora", str(lora), "--prompt", "x", "--width", "1024",
+                  "--height", "576", "--steps", "1", "--rope", "none")
+    assert rc == 0 and json.loads((out / "images.jsonl").read_text())["runtime"]["rope"] == "none"
+
+
+def test_sizes_off_the_16_grid_are_refused_with_the_nearest(tiny_flux_dir, tmp_path, capsys):
+    rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "4100", "--height", "2304", "--rope", "yarn")
+    assert rc == 2
+    assert "the nearest valid width is 4096" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import re
+    import signal
+
+    import urae.sampling
+
+    real, calls = urae.sampling.generate, []
+
+    def ctrl_c_during_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the second image
+        return real(*a, **k)
+
+    monkeypatch.setattr(urae.sampling, "generate", ctrl_c_during_the_second)
+    rc, out = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--num_images", "3", "--width", "64", "--height", "64")
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == [f"interrupted after 1 of 3 image(s); the 1 finished are kept in {out}"], err
+    assert len(list(out.glob("*.png"))) == 1 and len((out / "images.jsonl").read_text().splitlines()) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for whoever runs next
+
+
+def test_gpu_memory_line_uses_the_run_dtype_and_fp8():
+    """The plan's GPU line (FLUX.1-dev figures, from urae.memory.generation's docstring) names the dtype used."""
+    from types import SimpleNamespace
+
+    from urae.inference import memory_plan
+
+    req = [SimpleNamespace(width=4096, height=4096)]
+    bf16 = memory_plan({"fp8": False}, req, torch.bfloat16)
+    assert "bfloat16 transformer 22.2 GiB" in bf16 and "peak while denoising 28.7 GiB" in bf16, bf16
+    fp8 = memory_plan({"fp8": True}, req, torch.float16)
+    assert "float16 transformer, blocks stored as fp8 11.1 GiB" in fp8 and "17.6 GiB" in fp8, fp8
+    fp32 = memory_plan({"fp8": False}, req, torch.float32)
+    assert "float32 transformer 44.3 GiB" in fp32, fp32

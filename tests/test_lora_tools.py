@@ -133,7 +133,7 @@ def test_inspect_counts_the_190_urae_layers_of_flux1_and_reads_our_metadata(tmp_
                          runtime='{"ntk_factor": 10, "proportional_attention": true}')
     net.save_weights(tmp_path / "ours.safetensors", torch.float16, {"ss_output_name": "x"})
     info = inspect_lora.describe(tmp_path / "ours.safetensors")
-    assert info["form"] == "ours" and info["urae_layers"] == 14
+    assert info["form"] == "peft" and info["written_by"] == "minor_lora" and info["urae_layers"] == 14
     assert info["ranks"] == {8: 14}  # rank-r minor adapter saved as an exact rank-2r LoRA
     assert info["urae_metadata"]["urae_init"] == "minor" and info["urae_metadata"]["urae_rank"] == "4"
     assert info["urae_metadata"]["urae_runtime"] == {"ntk_factor": 10, "proportional_attention": True}
@@ -144,6 +144,23 @@ def test_inspect_counts_the_190_urae_layers_of_flux1_and_reads_our_metadata(tmp_
 # --------------------------------------------------------------------------------------------
 # convert
 # --------------------------------------------------------------------------------------------
+
+
+def test_inspect_into_a_closed_pipe_is_not_an_error(tmp_path, shapes):
+    """`inspect_lora FILE | head`: the reader has gone before the report is written; quiet, exit 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save_file(peft_lora(shapes, urae_names(shapes)), tmp_path / "p.safetensors")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "networks.inspect_lora", str(tmp_path / "p.safetensors")],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed before the tool (still importing torch) writes a line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err
 
 
 def test_convert_peft_kohya_peft_is_lossless(tmp_path, shapes, tiny_bfl_checkpoint, capsys):
@@ -184,6 +201,9 @@ def test_minor_lora_file_round_trip_through_kohya_still_resumes(tmp_path, base, 
     for src, dst, form in (("ours", "k", "kohya"), ("k", "back", "peft")):
         assert run(convert_lora, [tmp_path / f"{src}.safetensors", tmp_path / f"{dst}.safetensors", "--to", form],
                    capsys)[0] == 0
+    rc, out, _ = run(inspect_lora, [tmp_path / "k.safetensors"], capsys)
+    assert rc == 0 and out.startswith(f"{tmp_path / 'k.safetensors'}: kohya LoRA (bfl layout, written by minor_lora, "
+                                      f"converted from its diffusers layout)"), out
     net2, _ = create_network_from_weights(1.0, str(tmp_path / "back.safetensors"), None, None, base)
     assert net2.init == "minor"  # the layout matches again, so the recorded structure is used
     assert_same_deltas(net2.delta_weights(), net.delta_weights())
@@ -287,6 +307,21 @@ def test_merge_into_diffusers_folder_equals_base_plus_delta_and_merge_to(tmp_pat
     net.merge_to(None, ref, weights)
     for key, w in ref.state_dict().items():
         assert torch.allclose(merged[key], w, atol=TOL, rtol=0), key
+
+
+def test_merge_counts_only_weights_that_actually_changed(tmp_path, shapes, tiny_bfl_checkpoint, capsys):
+    names = urae_names(shapes)
+    save_file(peft_lora(shapes, names, rank=2, seed=1), tmp_path / "p.safetensors")
+    rc, stdout, _ = run(merge_lora, [tiny_bfl_checkpoint, tmp_path / "zero.safetensors", "--lora",
+                                     f"{tmp_path / 'p.safetensors'}:0", "--no-progress"], capsys)
+    merged, src = load_file(tmp_path / "zero.safetensors"), load_file(tiny_bfl_checkpoint)
+    assert rc == 0 and all(torch.equal(merged[k], src[k]) for k in src)
+    assert "0 weights changed" in stdout and "came out bit-identical" in stdout, stdout
+    rc, stdout, _ = run(merge_lora, [tiny_bfl_checkpoint, tmp_path / "one.safetensors", "--lora",
+                                     f"{tmp_path / 'p.safetensors'}:1", "--no-progress"], capsys)
+    changed = sum(not torch.equal(v, src[k]) for k, v in load_file(tmp_path / "one.safetensors").items())
+    assert rc == 0 and changed > 0 and f"wrote {tmp_path / 'one.safetensors'}: {changed} weights changed" in stdout
+    assert "bit-identical" not in stdout
 
 
 def test_merge_into_sharded_transformer_folder(tmp_path, base, shapes, capsys):
@@ -412,6 +447,13 @@ def test_extract_recovers_a_low_rank_delta_exactly_and_loads_in_diffusers(tmp_pa
     x2, _, errs = extract_lora.extract(tuned, tiny_flux_dir, 3, progress=False, method="exact")
     assert max(e for _, e, _ in errs) < 1e-6
     assert_same_deltas(deltas(x2, shapes), deltas(sd, shapes), tol=1e-5)
+    # A rank above the layers' smaller side is capped there, and the run says so.
+    rc, out, _ = run(extract_lora, [tuned, tiny_flux_dir, tmp_path / "big.safetensors", "--rank", 100,
+                                    "--no-progress"], capsys)
+    side = min(min(shapes[n]) for n in names)
+    assert rc == 0 and f"written at rank {side}, not 100" in out and f"rank-{side} LoRA" in out, out
+    with safe_open(str(tmp_path / "big.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == str(side)
     _, _, fast = extract_lora.extract(tuned, tiny_flux_dir, 1, progress=False)
     _, _, exact = extract_lora.extract(tuned, tiny_flux_dir, 1, progress=False, method="exact")
     assert min(e for _, e, _ in fast) > 0.05

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from urae.config import ConfigError
-from urae.optim import PRODIGY_DEFAULTS, check_optimizer, make_optimizer, make_scheduler, parse_kwargs
+from urae.optim import PRODIGY_DEFAULTS, check_optimizer, make_optimizer, make_scheduler, parse_kwargs, step_size
 
 
 def test_optimizer_args_are_typed_like_sd_scripts():
@@ -42,3 +42,18 @@ def test_schedules_warm_up_and_decay():
     assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
     with pytest.raises(ConfigError, match="choose one of"):
         make_scheduler("linearr", opt, 0, 10)
+
+
+def test_step_size_shows_prodigys_d_times_lr_beside_the_lr():
+    """Prodigy's lr = 1.0 multiplies the step size d it estimates (d0 = 1e-6 at first): both are shown."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = make_optimizer("prodigy", [p], 1.0)
+    opt.param_groups[0]["lr"] = 0.5  # a schedule scales lr; d is Prodigy's own
+    assert step_size(opt) == {"lr": 0.5, "d*lr": pytest.approx(0.5e-6)}
+    for _ in range(3):
+        (p * torch.arange(8.0)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    s = step_size(opt)
+    assert s["lr"] == 0.5 and s["d*lr"] == pytest.approx(0.5 * opt.param_groups[0]["d"])
+    assert step_size(make_optimizer("adamw", [p], 3e-4)) == {"lr": 3e-4}

@@ -200,3 +200,44 @@ def test_attention_dispatch_is_replaced_only_inside_the_block_and_nesting_is_saf
     with pytest.raises(RuntimeError, match="boom"), apply_highres(model, on):
         raise RuntimeError("boom")
     assert _dispatch() is stock, "restored after an error too"
+
+
+def test_rope_scheme_settings_are_checked():
+    assert HighResSettings().rope == "ntk"
+    with pytest.raises(ValueError, match="dype-yarn"):
+        HighResSettings(rope="dype_yarn")
+    with pytest.raises(ValueError, match="ntk_factor 10 is for rope = ntk"):
+        HighResSettings(rope="yarn", ntk_factor=10)
+    with pytest.raises(ValueError, match="two numbers"):
+        HighResSettings(yarn_beta=(1.0,))
+    s = HighResSettings.from_dict({"rope": "dype-yarn", "yarn_gamma": [8, 1]})  # as JSON metadata gives it
+    assert s.yarn_gamma == (8.0, 1.0) and s.rope_params.yarn_gamma == (8.0, 1.0)
+    # URAE's size defaults (NTK 10, proportional attention) belong to its own scheme
+    assert HighResSettings.for_resolution(4096, 2304).ntk_factor == 10
+    other = HighResSettings.for_resolution(4096, 2304, rope="dype-yarn")
+    assert other.ntk_factor == 1 and not other.proportional_attention
+    with pytest.raises(ValueError, match="nearest valid width is 4096"):
+        check_resolution(4100, 2304)
+
+
+@torch.no_grad()
+def test_dype_sees_each_steps_shifted_sigma(tiny_flux_dir):
+    """Through the pipeline, DyPE's time is the scheduler's sigma after URAE's static shift, at every step."""
+    from urae.runtime import SchemePosEmbed
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    settings = HighResSettings(rope="dype-ntk", rope_base_resolution=64, shift=3.0, proportional_attention=True)
+    seen = []
+    with apply_highres(pipe, settings):
+        pos = pipe.transformer.pos_embed
+        assert isinstance(pos, SchemePosEmbed)
+        h = pipe.transformer.register_forward_hook(lambda *a: seen.append(pos.sigmas[0]))
+        try:
+            pipe(prompt="a", width=160, height=96, num_inference_steps=3, guidance_scale=3.5, output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
+        finally:
+            h.remove()
+    want = [3 * t / (1 + 2 * t) for t in (1, 2 / 3, 1 / 3)]  # FLUX's sigmas 1 .. 1/steps, shifted by 3
+    assert seen == pytest.approx(want, abs=1e-6)
+    assert not isinstance(pipe.transformer.pos_embed, SchemePosEmbed)

@@ -145,6 +145,21 @@ def test_tiny_cli_writes_folder_and_bfl_file(tmp_path):
     assert t.config.num_layers == 1 and t.config.num_single_layers == 1
 
 
+
+def test_tiny_cli_into_an_existing_folder_is_refused_first_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import urae.tiny
+
+    (tmp_path / "m").mkdir()
+
+    def no_build(*a, **k):
+        raise AssertionError("built before checking the folder")
+
+    monkeypatch.setattr(urae.tiny, "build_pipeline", no_build)
+    assert urae.tiny.main([str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'm'} already exists; choose a new folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no hidden .m.* temp folder
+
+
 def test_outputs_get_the_default_mode_not_tempfiles_0600(tmp_path):
     """The mode follows the umask in force when the file is written, and reading it leaves it unchanged."""
     import os

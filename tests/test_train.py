@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def test_demo_preset_end_to_end(tiny_flux_dir, data_dir, tmp_path, capsys):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000040_00.png", "0000040_01.png"]
     assert len(log_losses(out)) == 40
     assert (out / "train_config.toml").is_file()
+    # the resolved config is in train_config.toml, and one line on the terminal says so
+    assert "training config:" not in text and f"every resolved key is written to {out / 'train_config.toml'}" in text
+    assert "learning_rate = 0.001" in (out / "train_config.toml").read_text()
+
+
+def test_config_line_says_where_the_settings_came_from_and_went(tmp_path):
+    from urae.config import resolve
+    from urae.train_options import OPTIONS
+    from urae.trainer import config_line
+
+    cfg = resolve(OPTIONS, ["--config", str(ROOT / "presets/demo.toml"), "--max_train_steps", "3"], "t", "")
+    line = config_line(cfg, tmp_path)
+    n_toml = len(read_toml(ROOT / "presets/demo.toml"))
+    assert line == (f"config: {ROOT / 'presets/demo.toml'} + command line ({n_toml} of {len(OPTIONS)} keys set); "
+                    f"every resolved key is written to {tmp_path / 'train_config.toml'} when training starts")
 
 
 def test_loss_decreases_on_a_fixed_batch():
@@ -153,6 +169,8 @@ def test_two_processes_ddp_and_fsdp_equal_one_process_over_the_same_global_batch
         out = tmp_path / name
         r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, *sgd, "--sample_every_n_steps", "1", *memory))
         assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
+        both = r.stdout + r.stderr  # per-process lines come from rank 0 only
+        assert both.count("minor_lora: init=minor") == 1 and both.count("transformer: ") == 1, both[-3000:]
         if name == "fsdp":  # each rank holds half of the base (its local shards), not all of it
             assert abs(_per_rank_bytes(r.stdout) - full / 2) <= 0.03 * full, (r.stdout[-2000:], full)
         else:
@@ -211,13 +229,15 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_0(tiny_flux_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_128_plus_the_signal(tiny_flux_dir, data_dir, tmp_path, sig,
+                                                                            code):
     out = tmp_path / "int"
     proc = _popen(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "100000"))
     _wait_for(lambda: (out / "train_log.jsonl").is_file() and len((out / "train_log.jsonl").read_text()) > 0, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     text = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, text[-2000:]
+    assert proc.returncode == code, text[-2000:]  # `train && infer` must not go on without a final file
     assert "--resume auto" in text
     states = sorted(out.glob("state-*"))
     assert len(states) == 1 and (states[0] / "train_state.json").is_file()
@@ -256,6 +276,7 @@ def test_output_dir_of_another_run_is_refused(tiny_flux_dir, data_dir, tmp_path,
     out = tmp_path / "used"
     out.mkdir()
     (out / "train_config.toml").write_text("")
+    (out / "urae_demo.safetensors").write_text("")  # a finished run's file (a marker alone is a run never saved)
     assert main(args(tiny_flux_dir, data_dir, out, "--overwrite", "false")) == 2
     assert "--resume auto" in capsys.readouterr().err
 
@@ -287,6 +308,9 @@ def test_presets_hold_the_recipes():
     assert p4["resolution"] == "4096" and "init=minor" in p4["network_args"]
     assert (p4["ntk_factor"], p4["proportional_attention"], p4["real_prompt_ratio"]) == (10.0, True, 0.2)
     assert p4["max_train_steps"] == 10000 and p4["base_lora"].endswith("urae_2k.safetensors")
+    from urae.adapters import looks_local
+
+    assert looks_local(p4["base_lora"])  # a missing 2K file is a local mistake, never a hub lookup
     assert demo["demo"] is True and "init=minor" in demo["network_args"]
 
 
@@ -337,6 +361,8 @@ def test_files_record_the_settings_to_generate_with():
     assert inference_settings({"resolution": "1024"}, stock) == stock
     four_k = HighResSettings(10.0, True)
     assert inference_settings({"resolution": "4096"}, four_k) is four_k
+    dype = HighResSettings(rope="dype-yarn")  # another scheme is what the file is for, at any size
+    assert inference_settings({"resolution": "2048"}, dype) is dype
 
 
 def _fails_fast(argv, capsys, match: str):
@@ -368,6 +394,12 @@ def test_user_mistakes_are_found_before_any_model_loads(tiny_flux_dir, data_dir,
     _fails_fast(args(tiny_flux_dir, empty, out), capsys, "no usable images")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(tmp_path / "2k.safetensors")), capsys,
                 "no such file")
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "flux_width.safetensors"  # a LoRA of FLUX.1's width (3072) for the tiny model (32)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(wide))
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--base_lora", str(wide)), capsys, "shape mismatch")
     # offline hub id: the data folder is checked first, then the model
     _fails_fast(args("someone/FLUX-typo", tmp_path / "nowhere", out), capsys, "train_data_dir")
     _fails_fast(args("someone/FLUX-typo", data_dir, out), capsys, "HF_HUB_OFFLINE")
@@ -462,6 +494,9 @@ def test_impossible_memory_settings_are_refused_in_the_plan(tiny_flux_dir, data_
                 capsys, "at most 3")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--gradient_checkpointing", "false", "--offload_activations"),
                 capsys, "needs gradient_checkpointing")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "disk", "--checkpoint_segments", "2"),
+                capsys, "choose one")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "dsk"), capsys, "is not a valid bool")
 
 
 @pytest.mark.slow
@@ -473,9 +508,12 @@ def test_resume_with_other_memory_options_continues_the_same_run(tiny_flux_dir, 
     assert main(args(tiny_flux_dir, data_dir, full, *common)) == 0
     cut = tmp_path / "cut"
     assert main(args(tiny_flux_dir, data_dir, cut, *common, "--max_train_steps", "2", "--blocks_to_swap", "2",
-                     "--offload_activations")) == 0
-    assert "memory: blocks_to_swap = 2, offload_activations" in capsys.readouterr().out
-    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto")) == 0
+                     "--offload_activations", "disk", "--activation_dir", str(tmp_path / "act"))) == 0
+    assert "memory: blocks_to_swap = 2, offload_activations = disk" in capsys.readouterr().out
+    assert list((tmp_path / "act").iterdir()) == []  # the activation file is gone
+    rows = [json.loads(x) for x in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["memory"]["weight_loads"] == 2 * 2 - 1 and r["memory"]["disk_bytes"] > 0 for r in rows)
+    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto", "--checkpoint_segments", "2")) == 0
     a, b = load_file(full / "urae_demo.safetensors"), load_file(cut / "urae_demo.safetensors")
     mid = load_file(full / "state-0000002" / "adapter.safetensors")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -542,3 +580,164 @@ def test_training_samples_follow_sd_scripts_flags_and_record_the_shift(tiny_flux
     infos = [read_png_info(out / "samples" / f"0000001_0{i}.png") for i in (0, 1)]
     assert [float(i["cfg_scale"]) for i in infos] == [2.5, 1.0]
     assert all(json.loads(i["runtime"])["shift"] == 3.0 for i in infos)
+
+
+def test_many_images_without_a_caption_stop_in_the_plan_unless_intended(tiny_flux_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    from urae.train_plan import make_plan
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(".urae_cache"))
+    for side in sorted(data.glob("*.txt"))[:2]:  # 2 of 8 images lose their caption, one keeps an empty one
+        side.unlink()
+    (data / "002.txt").write_text("\n")
+    out = tmp_path / "o"
+    _fails_fast(args(tiny_flux_dir, data, out), capsys, "3 of 8 images have no usable caption")
+    _fails_fast(args(tiny_flux_dir, data, out, "--caption_extension", ".json"), capsys,
+                "8 of 8 images have no usable caption (looked for .json side files")
+    plan = make_plan(parse(args(tiny_flux_dir, data, out, "--allow_missing_captions")))
+    assert sum(it.captions == {"prompt": ""} for it in plan.scan.items) == 3
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    (["--learning_rate", "-1"], "learning_rate must be > 0, got -1.0"),
+    (["--learning_rate", "nan"], "learning_rate must be > 0, got nan"),
+    (["--max_train_steps", "0"], "max_train_steps must be >= 1, got 0"),
+    (["--discrete_flow_shift", "0"], "discrete_flow_shift must be > 0, got 0.0"),
+    (["--real_prompt_ratio", "1.5"], "real_prompt_ratio must be in [0, 1], got 1.5"),
+    (["--bucket_reso_steps", "0"], "bucket_reso_steps must be >= 16, got 0"),
+    (["--max_grad_norm", "-0.5"], "max_grad_norm must be >= 0, got -0.5"),
+])
+def test_every_number_is_range_checked_before_anything_runs(tiny_flux_dir, data_dir, tmp_path, capsys, flags, want):
+    _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", *flags), capsys, want)
+
+
+def test_a_quoted_number_in_the_toml_is_an_error(tiny_flux_dir, data_dir, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text((ROOT / "presets/demo.toml").read_text().replace("learning_rate = 1e-3", 'learning_rate = "1e-3"'))
+    argv = args(tiny_flux_dir, data_dir, tmp_path / "o")
+    argv[1] = str(toml)
+    _fails_fast(argv, capsys, "learning_rate = '1e-3' is not a valid float (a number is written without quotes")
+
+
+def test_ctrl_c_while_caching_is_one_line_exit_130_and_keeps_the_finished_files(tiny_flux_dir, data_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    import urae.data
+
+    real = urae.data.build_caches
+
+    def ctrl_c_at_the_third_encode(data, parts, *a, **k):
+        encode, calls = parts["vae"].encode, []
+
+        def encode_until_ctrl_c(*x, **y):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return encode(*x, **y)
+
+        parts["vae"].encode = encode_until_ctrl_c
+        return real(data, parts, *a, **k)
+
+    monkeypatch.setattr(urae.data, "build_caches", ctrl_c_at_the_third_encode)
+    cache = tmp_path / "cache"
+    rc = main(args(tiny_flux_dir, data_dir, tmp_path / "o", "--cache_dir", str(cache)))
+    err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.strip() and "%|" not in x]
+    assert rc == 130
+    assert err == ["interrupted while caching; the cache files finished so far are kept, and the next run reuses "
+                   "them"], err
+    assert len([f for f in cache.rglob("*.safetensors") if "latent" in str(f)]) == 2
+
+
+def test_a_run_that_fails_before_saving_anything_does_not_block_the_next(tiny_flux_dir, data_dir, tmp_path, capsys):
+    from urae.checkpoints import check_output_dir
+    from urae.tiny import build_transformer, write_bfl_checkpoint
+
+    # a transformer file of another depth: found only when it loads, after the run marked its folder
+    other = write_bfl_checkpoint(build_transformer(layers=1, single_layers=1), tmp_path / "other.safetensors")
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "mine", True)):
+        if existed:
+            out.mkdir()
+        rc = main(args(tiny_flux_dir, data_dir, out, "--transformer", str(other), "--overwrite", "false"))
+        err = [x for x in re.split(r"[\r\n]", capsys.readouterr().err) if x.startswith("error")]
+        assert rc == 2 and len(err) == 1 and "does not fit the transformer config" in err[0], err
+        # no marker left to refuse the corrected command; a folder the run created is gone again
+        assert (sorted(p.name for p in out.iterdir()) == []) if existed else not out.exists()
+    # a marker and a log alone (a run killed before its first save) are reused silently
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "train_config.toml").write_text("")
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    check_output_dir(out, resuming=False, overwrite=False, output_name="urae_demo")
+
+
+def test_training_under_dype_records_the_scheme_and_the_file_drives_it(tiny_flux_dir, data_dir, tmp_path, capsys):
+    """rope = dype-yarn (base 128 px: the 256 px demo images are past it, as 4K is past 1024): every sample of a
+    batch brings its own noise level to the tables, samples use the scheme, and the file's metadata makes it
+    the scheme of flux_urae_infer.py."""
+    from urae.inference import main as infer
+    from urae.outputs import read_png_info
+    from urae.runtime import SchemePosEmbed
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 256 --h 128 --s 2\n")
+    out = tmp_path / "d"
+    seen = []
+
+    def spy(module, inputs, output):
+        if isinstance(module, SchemePosEmbed) and torch.is_grad_enabled():
+            seen.append((list(module.sigmas), output[0].shape))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(spy)
+    try:
+        assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "2", "--sample_prompts", str(prompts),
+                         "--sample_every_n_steps", "2", "--rope", "dype-yarn", "--rope_base_resolution", "128")) == 0
+    finally:
+        handle.remove()
+    assert "rope dype-yarn (base 128, lambda 2)" in capsys.readouterr().out
+    assert len(seen) == 2 and all(len(s) == 2 and s[0] != s[1] and shape[0] == 2 for s, shape in seen), seen
+    assert json.loads(read_png_info(out / "samples" / "0000002_00.png")["runtime"])["rope"] == "dype-yarn"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "urae_demo.safetensors"), "pt") as f:
+        runtime = json.loads(f.metadata()["urae_runtime"])
+    assert runtime["rope"] == "dype-yarn" and runtime["rope_base_resolution"] == 128
+    imgs = tmp_path / "imgs"
+    assert infer(["--model", str(tiny_flux_dir), "--lora", str(out / "urae_demo.safetensors"), "--prompt", "x",
+                  "--width", "256", "--height", "128", "--steps", "1", "--output_dir", str(imgs)]) == 0
+    assert "position scheme: dype-yarn (base 128, lambda 2) (from the adapter's metadata)" in capsys.readouterr().out
+    assert json.loads((imgs / "images.jsonl").read_text())["runtime"]["rope"] == "dype-yarn"
+
+
+def test_a_wrong_rope_is_refused_before_anything_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
+    _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--rope", "yarn", "--ntk_factor", "10"), capsys,
+                "ntk_factor 10 is for rope = ntk")
+
+
+def test_a_hub_model_that_cannot_be_reached_is_named_in_the_plan(data_dir, tmp_path, capsys, monkeypatch):
+    """No network (the hub endpoint, as HF_ENDPOINT would set it, refuses connections): one line naming the cause
+    from one request, not a minute of download retries ending in "does not appear to have a file named
+    model_index.json"."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    _fails_fast(args("black-forest-labs/FLUX.1-dev", data_dir, tmp_path / "o"), capsys,
+                "black-forest-labs/FLUX.1-dev is not downloaded yet and cannot be: the hub cannot be reached")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_local_base_lora_says_to_run_the_2k_stage_first(tiny_flux_dir, data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    from urae.adapters import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_local("out/urae_2k/urae_2k.safetensors")  # could be the hub repo out/urae_2k ...
+    (tmp_path / "out").mkdir()
+    assert looks_local("out/urae_2k/urae_2k.safetensors")  # ... but not beside a folder named out
+    assert looks_local("out\\urae_2k.safetensors") and looks_local("./a/b/c.safetensors")
+    for spec in ("out/urae_2k/urae_2k.safetensors", "./out/urae_2k/urae_2k.safetensors"):
+        _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--base_lora", spec), capsys,
+                    "no such file. The 4K recipe starts from the 2K stage's LoRA: run the 2K stage first")

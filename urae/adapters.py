@@ -29,17 +29,26 @@ class HubFileError(AdapterError):
 _HUB_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^\s]+\.safetensors)$")
 
 
+def looks_local(text: str) -> bool:
+    """A LoRA name that is a local path, never looked up on the hub: it exists; starts with `.`, `/` or `~`; has a
+    Windows separator; or its first folder exists here (`out/urae_2k/urae_2k.safetensors` beside an `out` folder
+    is a missing local file, not the repository out/urae_2k)."""
+    local = Path(text).expanduser()
+    return (local.exists() or text.startswith((".", "/", "~")) or "\\" in text
+            or (len(local.parts) > 1 and Path(local.parts[0]).is_dir()))
+
+
 def resolve_lora_file(spec: str | os.PathLike) -> str:
     """A LoRA given by path or as a Hugging Face Hub file `owner/repo/file.safetensors` -> a local path.
 
-    An existing local file always wins; a path starting with `.`, `/` or `~` is never looked up on the hub.
+    An existing local file always wins; a path that `looks_local` is never looked up on the hub.
     Hub files are downloaded once into the usual huggingface_hub cache (HF_HOME, HF_HUB_CACHE) and found
     there offline. The trainer's `base_lora` goes through here too.
     """
     text = str(spec)
     local = Path(text).expanduser()
     m = _HUB_FILE.match(text)
-    if local.exists() or text.startswith((".", "/", "~")) or m is None:
+    if looks_local(text) or m is None:
         return str(local)  # a missing local file is reported by whoever reads it
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -89,6 +98,26 @@ def check_adapter_file(path: str | os.PathLike) -> dict:
     if not any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")) for k in keys):
         raise AdapterError(f"{p} holds no LoRA weights (keys like {sorted(keys)[:2]}); expected a LoRA .safetensors")
     return meta
+
+
+def check_adapter_fits(path: str | os.PathLike, model_config: dict | None) -> None:
+    """The file's modules and shapes against the transformer that `model_config` (its config.json) describes,
+    built on the meta device (no memory, no weights): a LoRA for another architecture or width is refused
+    before any model loads, by the same key map that attaches it later. No config (a hub model not downloaded
+    yet): the check happens when the model is attached."""
+    if model_config is None:
+        return
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from networks import minor_lora
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(model_config)
+    try:
+        minor_lora.create_network_from_weights(1.0, str(path), None, [], transformer, for_inference=True)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise AdapterError(f"cannot apply LoRA {path} to this model: {e}") from e
 
 
 def runtime_from_metadata(meta: dict) -> dict | None:

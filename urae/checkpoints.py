@@ -98,12 +98,36 @@ def remove_partial_saves(output_dir: Path) -> None:
 
 
 def clear_run(output_dir: Path, output_name: str) -> None:
-    """--overwrite: remove the previous run's states, log and final file so nothing of it is resumed."""
+    """--overwrite: remove the previous run's states, log, samples and final file, so nothing of it is resumed
+    or mistaken for this run's."""
     for _, p in list_states(output_dir):
         shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(output_dir / "samples", ignore_errors=True)
     remove_partial_saves(output_dir)
     for name in ("train_log.jsonl", f"{output_name}.safetensors", RUN_MARKER):
         (output_dir / name).unlink(missing_ok=True)
+
+
+def run_started(output_dir: Path, output_name: str) -> bool:
+    """Whether the folder holds what a run leaves worth keeping: a saved state or the final file. A marker or a log
+    alone is a run that failed or was killed before saving anything: there is nothing to resume or to lose."""
+    return bool(list_states(output_dir)) or (Path(output_dir) / f"{output_name}.safetensors").exists()
+
+
+def forget_unstarted_run(output_dir: Path, output_name: str, created: bool) -> None:
+    """After a failure: a run that saved nothing leaves no marker, so the corrected command is not refused; a
+    folder this run created and left empty (a hub error before any file was written) is removed."""
+    out = Path(output_dir)
+    if not out.is_dir() or run_started(out, output_name):
+        return
+    (out / RUN_MARKER).unlink(missing_ok=True)
+    remove_partial_saves(out)
+    if created:
+        for folder in (out / "logs", out):  # only if empty: rmdir refuses otherwise
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def prune_states(output_dir: Path, step: int, keep_last_n_steps: int | None) -> None:
@@ -130,6 +154,8 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool, output_name: str) -> None:
     """Refuse to mix runs: a folder with another run's files needs --resume or --overwrite."""
     if resuming or overwrite or not output_dir.is_dir():
+        return
+    if not run_started(output_dir, output_name):  # a marker alone: a run that never saved (reused silently)
         return
     clash = [p.name for p in output_dir.iterdir()
              if p.name == RUN_MARKER or STATE_RE.match(p.name) or p.name == f"{output_name}.safetensors"]

@@ -37,14 +37,22 @@ def _suggest(name: str, known) -> str:
     return did_you_mean(name, known, cutoff=0.5)
 
 
-def _coerce(opt: Option, value, source: str):
+def _coerce(opt: Option, value, source: str, typed: bool = False):
+    """`value` as the option's type. typed: it comes from TOML, which has numbers of its own, so a quoted
+    number (`learning_rate = "1e-3"`) is a mistake rather than a spelling to accept."""
     if value is None:
         return None
     t = opt.type
+    if typed and t in (int, float) and isinstance(value, str):
+        raise ConfigError(f"{source}: {opt.name} = {value!r} is not a valid {t.__name__} (a number is written "
+                          f"without quotes in TOML)")
     try:
         if t is bool:
             if not isinstance(value, (bool, str)):
                 raise ValueError
+            mode = _bool_choice(opt, value)  # a bool option with named modes besides true/false
+            if mode:
+                return mode
             return parse_bool(value)
         if t is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -69,7 +77,15 @@ def _coerce(opt: Option, value, source: str):
     raise TypeError(opt.type)
 
 
+def _bool_choice(opt: Option, value) -> str | None:
+    if opt.choices and isinstance(value, str) and value.strip().lower() in opt.choices:
+        return value.strip().lower()
+    return None
+
+
 def _check_choice(opt: Option, value, source: str):
+    if opt.type is bool and isinstance(value, bool):
+        return value
     if opt.choices is not None and value is not None and value not in opt.choices:
         raise ConfigError(f"{source}: {opt.name} = {value!r}; choose one of {', '.join(map(str, opt.choices))}")
     return value
@@ -137,7 +153,8 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
         kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS, "help": option_help(o)}
         if o.type is bool:
             # `--flag`, `--flag true|false` and `--no-flag` / `--no_flag` all work (sd-scripts users type the first)
-            kw.update(nargs="?", const=True, type=_flag_value, metavar="true|false")
+            kw.update(nargs="?", const=True, type=str if o.choices else _flag_value,
+                      metavar="|".join(("true", "false", *(o.choices or ()))))
             ap.add_argument(f"--no-{o.name}", f"--no_{o.name}", dest=o.name, action="store_false",
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif o.type is list:
@@ -153,15 +170,21 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
 
 
 def resolve(options: list[Option], argv: list[str] | None, prog: str, description: str,
-            sections: tuple[str, ...] = ()) -> dict:
-    """Defaults < TOML (`--config`) < command line. Unknown keys anywhere are errors with a suggestion."""
+            sections: tuple[str, ...] = (), foreign: dict[str, str] | None = None) -> dict:
+    """Defaults < TOML (`--config`) < command line. Unknown keys anywhere are errors with a suggestion;
+    `foreign` maps other tools' names (sd-scripts' flags) to what they mean here, said instead of a guess."""
     by_name = {o.name: o for o in options}
     alias = {a: o.name for o in options for a in o.aliases}
+    foreign = foreign or {}
+
+    def hint(name: str, known) -> str:
+        return f": {foreign[name]}" if name in foreign else _suggest(name, known)
+
     ap = build_parser(prog, description, options)
     ns, unknown = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
-        ap.error(f"unknown option {flag}{_suggest(flag.lstrip('-').split('=')[0], list(by_name) + ['config'])}")
+        ap.error(f"unknown option {flag}{hint(flag.lstrip('-').split('=')[0], list(by_name) + ['config'])}")
     cli = vars(ns)
     cfg: dict[str, Any] = {o.name: o.default for o in options}
     sources = {o.name: "default" for o in options}
@@ -170,8 +193,8 @@ def resolve(options: list[Option], argv: list[str] | None, prog: str, descriptio
         for k, v in flatten_sections(read_toml(path), sections).items():
             k = alias.get(k, k)
             if k not in by_name:
-                raise ConfigError(f"{path}: unknown key {k!r}{_suggest(k, by_name)}")
-            cfg[k] = _check_choice(by_name[k], _coerce(by_name[k], v, path), path)
+                raise ConfigError(f"{path}: unknown key {k!r}{hint(k, by_name)}")
+            cfg[k] = _check_choice(by_name[k], _coerce(by_name[k], v, path, typed=True), path)
             sources[k] = "config"
     for k, v in cli.items():
         o = by_name[k]
@@ -185,6 +208,19 @@ def resolve(options: list[Option], argv: list[str] | None, prog: str, descriptio
     cfg["_sources"] = sources
     cfg["_config_file"] = path
     return cfg
+
+
+def check_ranges(cfg: dict, ranges: dict, prefix: str = "") -> None:
+    """Numbers in range: `ranges` maps a key to (lowest, whether the lowest itself is allowed, highest or None).
+    Unset (None) values are not checked; NaN is never in range."""
+    for k, (low, inclusive, high) in ranges.items():
+        v = cfg.get(k)
+        if v is None:
+            continue
+        ok = (v >= low if inclusive else v > low) and (high is None or v <= high)
+        if not ok:
+            want = f"in [{low}, {high}]" if high is not None else f"{'>=' if inclusive else '>'} {low}"
+            raise ConfigError(f"{prefix}{k} must be {want}, got {v}")
 
 
 def format_table(cfg: dict, only_changed: bool = False) -> str:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from urae.config import ConfigError, Option, format_table, resolve
+from urae import speed
+from urae.config import ConfigError, Option, check_ranges, format_table, resolve
+from urae.rope import SCHEMES
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -36,31 +40,41 @@ OPTIONS = [
            repeat=True),
     Option("lora_scale", list, [], "scale per --lora (one value applies to all)", repeat=True),
     Option("fuse_lora", bool, False, "merge the LoRAs into the weights instead of attaching them"),
+    Option("rope", str, None, "position scheme: ntk (URAE's), yarn, dype-yarn, dype-ntk (DyPE: patent pending for "
+           "commercial use), none (default: the adapter's, else ntk); see docs/runtime.md", choices=SCHEMES),
+    Option("rope_base_resolution", int, None, "yarn/dype: the size the model was trained at (default 1024)"),
+    Option("dype_lambda", float, None, "dype: strength sigma^lambda over the steps (default 2)"),
     Option("ntk_factor", float, None, "RoPE NTK factor (default: adapter metadata, else 10 at >= 2048)"),
     Option("proportional_attention", bool, None, "proportional attention (default: on at >= 2048)"),
     Option("shift", float, None, "static timestep shift (default: the scheduler config's, 3.0 dev)"),
     Option("dynamic_shift", bool, False, "FLUX's resolution-dependent shift instead of the static one"),
     Option("offload", str, "auto", "GPU memory mode", choices=("auto", "none", "model", "sequential")),
     Option("fp8", bool, False, "store the transformer blocks' weights as float8 e4m3, upcast per layer (as training's "
-           "fp8_base): 11.1 instead of 22.2 GiB, so 4096² fits a 24 GB GPU; values change by fp8 rounding"),
+           "fp8_base; FLUX.1-dev: 11.1 instead of 22.2 GiB, so 4096² fits a 24 GB GPU); values change by fp8 "
+           "rounding; the line after loading says what it stored"),
     Option("vae_tiling", bool, None, "split the VAE decode into row chunks (exact; automatic above 2048²)"),
     Option("init_resolution", int, None, "two-stage hi-res: draft at this long side, then refine"),
     Option("init_image", str, None, "refine this image at the target size (image-to-image)"),
     Option("strength", float, 0.6, "how much the refine stage changes the draft/init image (0-1]"),
     Option("dtype", str, "auto", "weights dtype", choices=("auto", "bf16", "fp16", "fp32")),
     Option("device", str, None, "cuda, cuda:1, cpu (default: cuda if available)"),
+    *speed.OPTIONS,
 ]
+
+
+# Numbers checked before anything loads (sizes, --shift, --cfg_scale: where the requests are built).
+RANGES = {**{k: (1, True, None) for k in ("num_images", "steps", "max_sequence_length")},
+          **{k: (0, True, None) for k in ("guidance", "seed")}, "ntk_factor": (0, False, None)}
 
 
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_infer.py", "Generate 2K/4K images with FLUX.1 and URAE adapters.")
     if not cfg["model"]:
         raise ConfigError("give --model (a FLUX.1 folder or hub id, e.g. black-forest-labs/FLUX.1-dev)")
-    for k in ("num_images", "steps", "max_sequence_length"):
-        if cfg[k] is not None and cfg[k] < 1:
-            raise ConfigError(f"--{k} must be >= 1, got {cfg[k]}")
-    if cfg["guidance"] is not None and cfg["guidance"] < 0:
-        raise ConfigError(f"--guidance must be >= 0, got {cfg['guidance']}")
+    check_ranges(cfg, RANGES, prefix="--")
+    if not 0 < cfg["strength"] <= 1:  # used by --init_resolution / --init_image, after the model has loaded
+        raise ConfigError(f"--strength must be in (0, 1] (the share of the steps the refine stage runs), "
+                          f"got {cfg['strength']}")
     return cfg
 
 
@@ -158,38 +172,75 @@ def _check_two_stage(init_resolution: int, req, where: str) -> None:
 
 def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
     """Command line > adapter metadata > URAE defaults for the target size."""
-    explicit = {k: cfg[k] for k in ("ntk_factor", "proportional_attention", "shift") if cfg[k] is not None}
+    explicit = {k: cfg[k] for k in ("ntk_factor", "proportional_attention", "shift", "rope", "rope_base_resolution",
+                                    "dype_lambda") if cfg.get(k) is not None}
     if cfg["dynamic_shift"]:
         explicit["dynamic_shift"] = True
     try:
         if adapter_runtime:
-            keep = ("ntk_factor", "proportional_attention", "base_seq_len")
+            keep = ("ntk_factor", "proportional_attention", "base_seq_len", *ROPE_KEYS)
             base = {k: v for k, v in adapter_runtime.items() if k in keep}
+            if explicit.get("rope", base.get("rope", "ntk")) != base.get("rope", "ntk"):
+                base.pop("ntk_factor", None)  # another scheme than the file's: its NTK factor does not apply
             return HighResSettings.from_dict({**base, **explicit})
         return HighResSettings.for_resolution(req.width, req.height, **explicit)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
-def memory_plan(cfg, requests) -> str:
-    """The plan's memory line: the expected peak of a denoising step at the largest size."""
+ROPE_KEYS = ("rope", "rope_base_resolution", "dype_lambda", "yarn_beta", "yarn_gamma")
+
+
+def rope_plan(settings: HighResSettings, cfg, adapter_runtime: dict | None) -> str:
+    """The plan's position-scheme line: which scheme, and where it came from."""
+    src = ("--rope" if cfg.get("rope") else "the adapter's metadata" if adapter_runtime and "rope" in adapter_runtime
+           else "the default")
+    return f"position scheme: {settings.describe_rope()} (from {src})"
+
+
+def memory_plan(cfg, requests, dtype: torch.dtype) -> str:
+    """The plan's GPU memory line: the expected peak of a denoising step at the largest size, at FLUX.1-dev's
+    size (the model itself is not loaded yet), in the dtype the run will use."""
     from urae.common import human_bytes
     from urae.memory.generation import denoise_peak_bytes, forward_work_bytes, transformer_bytes
 
     big = max(requests, key=lambda r: r.width * r.height)
-    return (f"memory: {'fp8' if cfg['fp8'] else 'bf16'} transformer {human_bytes(transformer_bytes(cfg['fp8']))} + "
-            f"{human_bytes(forward_work_bytes(big.width, big.height))} activations at {big.width}x{big.height}: "
-            f"expected peak while denoising {human_bytes(denoise_peak_bytes(big.width, big.height, cfg['fp8']))} "
-            f"(FLUX.1-dev; text encoders offloaded, plus the CUDA context)")
+    size = torch.empty((), dtype=dtype).element_size()
+    name = str(dtype).replace("torch.", "")
+    return (f"memory (expected for FLUX.1-dev on the GPU): {name} transformer"
+            f"{', blocks stored as fp8' if cfg['fp8'] else ''} {human_bytes(transformer_bytes(cfg['fp8'], size))} + "
+            f"{human_bytes(forward_work_bytes(big.width, big.height, param_bytes=size))} activations at "
+            f"{big.width}x{big.height}: peak while denoising "
+            f"{human_bytes(denoise_peak_bytes(big.width, big.height, cfg['fp8'], size))} "
+            f"(text encoders offloaded, plus the CUDA context)")
 
 
-def apply_fp8(transformer) -> None:
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def loaded_line(cfg, transformer, before: int, fp8_linears: int, placement: str) -> str:
+    """What was actually loaded, in which dtype, and what --fp8 did to it, after loading."""
+    from urae.common import human_bytes, human_count
+
+    n = sum(p.numel() for p in transformer.parameters())
+    dtype = str(transformer.dtype).replace("torch.", "")
+    line = f"loaded: transformer of {cfg['transformer'] or cfg['model']}, {human_count(n)} parameters in {dtype}"
+    if cfg["fp8"]:
+        line += (f"; --fp8 stored {fp8_linears} block Linear weights as float8 e4m3 on {placement}: "
+                 f"{human_bytes(before)} -> {human_bytes(module_bytes(transformer))} (upcast to {dtype} per layer)")
+    else:
+        line += f", {human_bytes(before)}, on {placement}"
+    return line
+
+
+def apply_fp8(transformer) -> int:
     """float8 storage of the blocks' Linear weights, after the LoRAs are attached or fused (their change is
-    computed from the full-precision weights)."""
+    computed from the full-precision weights); returns how many Linear layers it stores so."""
     from urae.memory import transformer_blocks
     from urae.memory.fp8 import Fp8Storage
 
-    Fp8Storage(transformer_blocks(transformer), next(transformer.parameters()).dtype)
+    return len(Fp8Storage(transformer_blocks(transformer), next(transformer.parameters()).dtype).linears)
 
 
 def place_pipeline(pipe, mode: str, device) -> str:
@@ -223,12 +274,32 @@ def _check_device(name: str | None) -> None:
         raise ConfigError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
 
 
+class Interrupted(Exception):
+    """Ctrl-C: the message says how far the run got and what of it is kept."""
+
+
+def _report_ctrl_c(progress) -> None:
+    """From now on Ctrl-C stops with `progress()` (how far the run got) instead of a traceback; every image is
+    written whole as soon as it is finished, so what is done is kept. `main` restores the handler."""
+    def stop(signum, frame):
+        raise Interrupted(progress())
+
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+        signal.signal(signal.SIGINT, stop)
+
+
 def run(cfg: dict) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from urae.adapters import attach_adapters, check_adapter_file, resolve_lora_file, runtime_from_metadata
-    from urae.loading import default_device, load_pipeline, resolve_model_location
-    from urae.outputs import append_jsonl, save_png
+    from urae.adapters import (
+        attach_adapters,
+        check_adapter_file,
+        check_adapter_fits,
+        resolve_lora_file,
+        runtime_from_metadata,
+    )
+    from urae.loading import default_device, load_pipeline, parse_dtype, resolve_model_location
+    from urae.outputs import append_jsonl, image_stem, next_index, save_png
     from urae.sampling import fill_defaults, generate, steps_for, two_stage
 
     # everything that needs no model first: prompts, sizes, files, output folder
@@ -238,46 +309,66 @@ def run(cfg: dict) -> list[Path]:
     loras = [resolve_lora_file(p) for p in cfg["lora"]]
     metas = [check_adapter_file(p) for p in loras]
     adapter_runtime = next((r for r in map(runtime_from_metadata, metas) if r), None)
-    for req in requests:  # bad runtime settings (--shift -1, …) are found now, not after loading
-        runtime_settings(cfg, req, adapter_runtime)
+    # bad runtime settings (--shift -1, …) are found now, not after loading
+    proportional = any([runtime_settings(cfg, r, adapter_runtime).proportional_attention for r in requests])
+    plan.append(rope_plan(runtime_settings(cfg, requests[0], adapter_runtime), cfg, adapter_runtime))
     out_dir = Path(cfg["output_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output_dir {out_dir} is a file, not a folder")
-    resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    location = resolve_model_location(cfg["model"])  # a mistyped folder or an offline hub id, before anything loads
+    if loras:  # a LoRA for another architecture or width, from the config alone
+        from urae.train_plan import transformer_config
+
+        model_config = transformer_config(location)
+        for path in loras:
+            check_adapter_fits(path, model_config)
     if cfg["fp8"]:
         from urae.memory.options import float8_problem
 
         why = float8_problem(cfg["device"] or default_device())
         if why:
             raise ConfigError(f"--fp8: this device cannot store float8 weights ({why}); leave --fp8 off")
-    for line in [*plan, memory_plan(cfg, requests)]:
+    device = torch.device(cfg["device"]) if cfg["device"] else default_device()
+    dtype = parse_dtype(cfg["dtype"], device)
+    two = cfg["init_resolution"] is not None and requests[0].init_image is None
+    fast = speed.plan(cfg, requests, proportional, two)
+    speed.start(fast)
+    # GPU figures mean nothing for a CPU run; after loading, the line below says what the model really takes
+    for line in [*plan, *([memory_plan(cfg, requests, dtype)] if device.type == "cuda" else []), *fast.lines]:
         print(line, flush=True)
 
-    pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=cfg["dtype"], device=None)
+    pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=dtype, device=None)
     networks = attach_adapters(pipe.transformer, loras, scales, fuse=cfg["fuse_lora"])
-    if cfg["fp8"]:
-        apply_fp8(pipe.transformer)
-    placement = place_pipeline(pipe, cfg["offload"], cfg["device"])
+    before = module_bytes(pipe.transformer)
+    fp8_linears = apply_fp8(pipe.transformer) if cfg["fp8"] else 0
+    placement = place_pipeline(pipe, fast.offload or cfg["offload"], fast.device or cfg["device"])
+    print(loaded_line(cfg, pipe.transformer, before, fp8_linears, placement), flush=True)
     if not cfg["fuse_lora"]:  # attached adapters are not submodules of the transformer: move them along
         for net in networks:
             net.to(pipe._execution_device)
-    two = cfg["init_resolution"] is not None and requests[0].init_image is None
     total = sum(steps_for(r, pipe.transformer, two) for r in requests)
     first = fill_defaults(requests[0], pipe.transformer)
+    counter = speed.apply(pipe, fast, first.steps)
     s0 = runtime_settings(cfg, first, adapter_runtime).with_scheduler_shift(pipe.scheduler)
     print(f"generating {len(requests)} image(s), first {first.width}x{first.height}, {first.steps} steps, "
           f"guidance {first.guidance}{f', CFG {first.cfg_scale}' if first.cfg_scale > 1 else ''}, "
-          f"ntk {s0.ntk_factor}, proportional attention {'on' if s0.proportional_attention else 'off'}, "
+          f"rope {s0.describe_rope()}, proportional attention {'on' if s0.proportional_attention else 'off'}, "
           f"shift {'dynamic' if s0.dynamic_shift else s0.shift}, "
           f"{len(loras)} LoRA(s){' fused' if cfg['fuse_lora'] and loras else ''}, on {placement}"
           f"{', two-stage from ' + str(cfg['init_resolution']) if two else ''} -> {out_dir}", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if fast.writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    first_index = next_index(out_dir)
     written = []
-    bar = tqdm(total=total, unit="step", desc="generating")
+    _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
+        f"the {len(written)} finished are kept in {out_dir}" if written else "nothing was written"))
+    bar = tqdm(total=total, unit="step", desc="generating", disable=not fast.writes)
     for i, req in enumerate(requests):
         req = fill_defaults(req, pipe.transformer)
         settings = runtime_settings(cfg, req, adapter_runtime).with_scheduler_shift(pipe.scheduler)
         t0 = time.perf_counter()
+        if counter:
+            counter.start_image()
         if two:
             image = two_stage(pipe, req, cfg["init_resolution"], settings, on_step=lambda: bar.update(1),
                               split_vae=cfg["vae_tiling"])
@@ -292,13 +383,29 @@ def run(cfg: dict) -> list[Path]:
             "runtime": settings.to_dict(), "init_resolution": cfg["init_resolution"] if two else None,
             "strength": req.strength if (two or req.init_image is not None) else None,
             "seconds": round(time.perf_counter() - t0, 2),
+            **speed_record(fast, counter),
         }
-        path = save_png(image, out_dir, f"{i:05d}_{req.seed}", info)
+        if not fast.writes:
+            continue
+        path = save_png(image, out_dir, image_stem(first_index + i, req.seed, req.width, req.height), info)
         append_jsonl(out_dir / "images.jsonl", {"file": path.name, **info})
         written.append(path)
     bar.close()
+    speed.finish(fast)
     print(f"wrote {len(written)} image(s) to {out_dir}")
     return written
+
+
+def speed_record(fast, counter) -> dict:
+    """The speed options an image was made with; a cached image says it is approximate and how many passes the
+    cache answered."""
+    rec = fast.record()
+    if not rec:
+        return {}
+    if counter:
+        rec["cached_passes"] = f"{counter.reused} of {counter.passes}"
+        return {"approximate": fast.label(), "speed": rec}
+    return {"speed": rec}
 
 
 def main(argv=None) -> int:
@@ -307,13 +414,23 @@ def main(argv=None) -> int:
     from urae.adapters import AdapterError
     from urae.loading import ModelLoadError
     from urae.logs import setup_logging
+    from urae.optional_imports import defer_bitsandbytes, quantised_with_bitsandbytes
 
     setup_logging()
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         cfg = parse(argv)
+        if not quantised_with_bitsandbytes(cfg["model"]):  # before diffusers imports it (urae.optional_imports)
+            defer_bitsandbytes()
         print("settings:\n" + format_table(cfg, only_changed=True))
         run(cfg)
     except (ConfigError, ModelLoadError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)  # as the training command
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:  # on a line of its own: a progress bar may be cut mid-line
+        print(f"\ninterrupted {str(e) or 'before the first image; nothing was written'}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_ctrl_c)
     return 0

@@ -16,6 +16,7 @@ import torch
 from urae.common import dtype_from_name, parse_bool
 from urae.flux_keys import bfl_to_diffusers, is_bfl_flux, is_diffusers_flux, strip_bfl_prefix
 from urae.io import read_safetensors_header
+from urae.quantised import describe, quantised_weights
 
 log = logging.getLogger("urae")
 
@@ -118,6 +119,14 @@ def load_transformer_file(path: str | os.PathLike, config_location: str, dtype: 
         sample = ", ".join(sorted(keys)[:3])
         raise ModelLoadError(f"{path} is not a FLUX.1 transformer checkpoint (keys like {sample}); expected BFL "
                              f"keys (double_blocks.N.img_attn.qkv.weight, …) or diffusers ones (transformer_blocks.…)")
+    quantised = quantised_weights(path)  # from the header, before any tensor is read
+    unscaled = {d for d in quantised if not d.startswith("float8_e")}
+    if unscaled:
+        raise ModelLoadError(f"{path} stores {describe(quantised)}: quantised with scales this loader does not "
+                             f"apply; use a bf16/fp32 or a plain float8 FLUX.1 file")
+    if quantised:
+        log.info(f"transformer: {path.name} stores {describe(quantised)}; upcast to "
+                 f"{str(dtype).replace('torch.', '')} to compute (their rounding stays)")
     try:
         config = FluxTransformer2DModel.load_config(config_location, subfolder="transformer")
     except OSError as e:
@@ -179,3 +188,24 @@ def load_pipeline(model: str, transformer_file: str | None = None, dtype=None, d
         log.info(_describe(name, transformer_file if name == "transformer" and transformer_file
                            else f"{location}/{name}", getattr(pipe, name)))
     return pipe
+
+
+def hub_problem(repo_id: str) -> str | None:
+    """Why a hub pipeline cannot be downloaded, from one request without retries (the downloads' own retries take
+    over a minute to end in "does not appear to have a file named model_index.json"); None when it can."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "model_index.json"), timeout=10)
+    except GatedRepoError:
+        return f"{repo_id} is gated: accept its terms on huggingface.co and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        return f"there is no repository {repo_id} (or it is private: log in with `hf auth login`)"
+    except EntryNotFoundError:
+        return f"{repo_id} has no model_index.json: it is not a diffusers pipeline"
+    except HfHubHTTPError as e:
+        return f"the hub answered {e}"
+    except Exception as e:  # the HTTP client's connection and timeout errors: no network, proxy, DNS
+        return f"the hub cannot be reached ({type(e).__name__}: {e}): no network, or a proxy or firewall in the way"
+    return None

@@ -42,6 +42,14 @@ def parse_kwargs(items: list[str] | None, what: str) -> dict:
     return out
 
 
+def step_size(optimizer) -> dict:
+    """The learning rate, and for Prodigy its effective step size d·lr (its lr of 1.0 is a multiplier of the
+    step size d it estimates, which starts at d0 = 1e-6 and grows): what the progress bar and the log show."""
+    g = optimizer.param_groups[0]
+    lr = float(g["lr"])
+    return {"lr": lr, "d*lr": lr * float(g["d"])} if "d" in g else {"lr": lr}
+
+
 # The URAE recipe's Prodigy settings; optimizer_args override them.
 PRODIGY_DEFAULTS = {"weight_decay": 1e-4, "decouple": True, "use_bias_correction": True, "safeguard_warmup": True,
                     "betas": (0.9, 0.999)}
@@ -57,8 +65,10 @@ def make_optimizer(name: str, params, lr: float, args: list[str] | None = None):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, **{"weight_decay": 1e-4, **kwargs})
     if name == "adamw8bit":
+        from urae.optional_imports import import_bitsandbytes
+
         try:
-            import bitsandbytes as bnb
+            bnb = import_bitsandbytes()
         except ImportError as e:
             raise RuntimeError("optimizer_type = adamw8bit needs bitsandbytes (pip install bitsandbytes)") from e
         return bnb.optim.AdamW8bit(params, lr=lr, **{"weight_decay": 1e-4, **kwargs})

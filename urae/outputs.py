@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -20,6 +21,17 @@ def free_path(out_dir: str | os.PathLike, stem: str, suffix: str = ".png") -> Pa
         n += 1
         path = out_dir / f"{stem}-{n}{suffix}"
     return path
+
+
+def next_index(out_dir: str | os.PathLike) -> int:
+    """One past the highest `NNNNN_` index of the PNGs already in `out_dir`: runs into one folder keep counting."""
+    found = [int(m.group(1)) for p in Path(out_dir).glob("*.png") if (m := re.match(r"(\d+)_", p.name))]
+    return max(found, default=-1) + 1
+
+
+def image_stem(index: int, seed: int, width: int, height: int) -> str:
+    """`00012_42_2048x2048`: the image's index in its folder, its seed and size."""
+    return f"{index:05d}_{seed}_{width}x{height}"
 
 
 def save_png(image: Image.Image, out_dir: str | os.PathLike, stem: str, info: dict) -> Path:

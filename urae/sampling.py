@@ -133,7 +133,10 @@ def two_stage(pipe, req: SampleRequest, init_resolution: int, settings: HighResS
     req.validate()
     w, h = draft_size(req.width, req.height, init_resolution)
     if draft_settings is None:  # the draft's size decides NTK/attention; the timestep schedule is the user's
-        draft_settings = HighResSettings.for_resolution(w, h, shift=settings.shift, dynamic_shift=settings.dynamic_shift)
+        rope = {k: getattr(settings, k) for k in ("rope", "rope_base_resolution", "dype_lambda", "yarn_beta",
+                                                   "yarn_gamma")}  # the same position scheme at the draft's grid
+        draft_settings = HighResSettings.for_resolution(w, h, shift=settings.shift, dynamic_shift=settings.dynamic_shift,
+                                                        **rope)
     draft = generate(pipe, dataclasses.replace(req, width=w, height=h, init_image=None), draft_settings,
                      on_step=on_step)
     refine = dataclasses.replace(req, init_image=draft.resize((req.width, req.height), Image.LANCZOS))

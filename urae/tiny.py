@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -216,28 +218,37 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, layers: int = 2, single_laye
     from urae.io import set_default_mode
 
     out = Path(out_dir)
+    if out.exists():  # before the build, not after it
+        raise FileExistsError(f"{out} already exists; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(layers, single_layers, seed, schnell)
-    # Build in a sibling temp folder and rename, so an interrupted build never leaves a half folder.
+    # Build in a sibling temp folder and rename, so an interrupted build never leaves a half folder; the temp
+    # folder goes whatever happens (an error, Ctrl-C, the name taken meanwhile).
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new folder")
-    set_default_mode(tmp)
-    tmp.rename(out)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        set_default_mode(tmp)
+        if out.exists():
+            raise FileExistsError(f"{out} already exists; choose a new folder")
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def write_bfl_checkpoint(transformer, path: str | os.PathLike) -> Path:
-    """Write the transformer as a single-file BFL checkpoint (the layout of flux1-dev.safetensors)."""
+def write_bfl_checkpoint(transformer, path: str | os.PathLike, fp8: bool = False) -> Path:
+    """Write the transformer as a single-file BFL checkpoint (the layout of flux1-dev.safetensors); fp8: its
+    Linear weights stored as float8_e4m3fn, as in flux1-dev-fp8.safetensors."""
     from urae.flux_keys import diffusers_to_bfl
     from urae.io import save_safetensors_atomic
 
     sd = diffusers_to_bfl(transformer.state_dict(), transformer.config.num_layers, transformer.config.num_single_layers)
+    if fp8:
+        sd = {k: v.to(torch.float8_e4m3fn) if k.endswith(".weight") and v.ndim == 2 else v for k, v in sd.items()}
     return save_safetensors_atomic(sd, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m urae.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--layers", type=int, default=2, help="double-stream blocks (FLUX.1: 19)")
@@ -246,7 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schnell", action="store_true", help="no guidance embedding, schnell scheduler")
     ap.add_argument("--bfl-checkpoint", metavar="FILE", help="also write the transformer as a BFL single file")
     a = ap.parse_args(argv)
-    out = write_tiny_pipeline(a.out_dir, a.layers, a.single_layers, a.seed, a.schnell)
+    try:
+        out = write_tiny_pipeline(a.out_dir, a.layers, a.single_layers, a.seed, a.schnell)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote tiny FLUX.1 pipeline to {out}")
     if a.bfl_checkpoint:
         from diffusers import FluxTransformer2DModel
@@ -254,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         t = FluxTransformer2DModel.from_pretrained(out, subfolder="transformer")
         print(f"wrote BFL single-file transformer to {write_bfl_checkpoint(t, a.bfl_checkpoint)}")
     print(json.dumps({"layers": a.layers, "single_layers": a.single_layers, "seed": a.seed}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,10 +5,13 @@ live outside the transformer's module tree and are never called through a module
 DDP's reducer would see no forward, and under FSDP the sharded tree does not contain them. They stay
 replicated, and their gradients are averaged here as reduce-to-0 then broadcast: the traffic of an
 all-reduce, with bit-identical results on every rank (gloo's all-reduce can round differently per rank,
-and replicated adapters would drift apart).
+and replicated adapters would drift apart). The initial adapter is rank 0's, broadcast; every state save
+first checks that the ranks still agree.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -72,13 +75,61 @@ def any_rank(flag: bool, device, world: int) -> bool:
     return bool(t.item())
 
 
-def ranks_agree(params: list[torch.Tensor], device, world: int) -> bool:
-    """Every rank must hold the same adapter after training; compare a checksum across ranks."""
+@contextlib.contextmanager
+def init_rng(seed: int):
+    """The adapter's initial random draws (a plain LoRA's down factor, any random init of another network
+    module) come from `seed` alone, whatever ran before; the global generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def broadcast_from_main(module: torch.nn.Module, world: int) -> None:
+    """Every rank takes rank 0's parameters and buffers, so the ranks start from one adapter by construction
+    (not because they happened to run the same code on the same inputs)."""
     if world == 1:
-        return True
-    c = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in params])
-    c = c.reshape(-1).to(device)
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.numel():
+            groups.setdefault((t.dtype, t.device), []).append(t.data)
+    for tensors in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class RanksDiverged(RuntimeError):
+    """The replicated adapter differs between processes: a bug, never a user's mistake (keeps its traceback)."""
+
+
+def differing_tensors(named: dict[str, torch.Tensor], device, world: int) -> list[str]:
+    """Names of the tensors whose checksums (sum, sum of squares, position-weighted sum, in fp64) are not equal
+    on every rank; [] on one process."""
+    if world == 1 or not named:
+        return []
+    sums = []
+    for t in named.values():
+        x = t.detach().double().reshape(-1)
+        w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64)
+        sums.append(torch.stack([x.sum(), x.square().sum(), (x * w).sum()]))
+    c = torch.stack(sums).to(device)
     hi, lo = c.clone(), c.clone()
     torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-    return bool(torch.equal(hi, lo))
+    bad = (hi != lo).any(dim=1).tolist()
+    return [name for name, b in zip(named, bad) if b]
+
+
+def check_ranks_agree(module: torch.nn.Module, device, world: int, when: str, last_good) -> None:
+    """Collective: raise RanksDiverged on every rank, naming the tensors that differ, before anything is saved."""
+    bad = differing_tensors(module.state_dict(), device, world)
+    if bad:
+        kept = f"the last good state {last_good} is left as it was" if last_good else "no state was saved yet"
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise RanksDiverged(f"the adapters differ between the {world} processes {when}: {', '.join(bad[:5])}{more}; "
+                            f"nothing was saved ({kept}). This is a bug: please report it with this traceback and "
+                            f"your accelerate config")

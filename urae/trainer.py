@@ -34,25 +34,37 @@ import torch
 from urae.checkpoints import (
     RUN_MARKER,
     clear_run,
+    forget_unstarted_run,
     list_states,
     load_adapter_state,
     load_optimizer_state,
     prune_states,
     remove_partial_saves,
+    run_started,
     save_state,
     state_dir,
     truncate_log,
 )
 from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
-from urae.config import ConfigError, format_table, resolve, to_toml
+from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
+from urae.optional_imports import defer_bitsandbytes
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs, runtime_settings
 from urae.train_plan import RunPlan, make_plan
-from urae.train_sync import BatchStream, all_reduce_mean, any_rank, mean_over_ranks, ranks_agree, seed_for
+from urae.train_sync import (
+    BatchStream,
+    all_reduce_mean,
+    any_rank,
+    broadcast_from_main,
+    check_ranks_agree,
+    init_rng,
+    mean_over_ranks,
+    seed_for,
+)
 
 log = logging.getLogger("urae")
 
@@ -61,16 +73,31 @@ class TrainingStopped(RuntimeError):
     """A run that stopped on purpose (NaN loss, full disk); the message says where the last good state is."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C outside the training loop (which saves a state instead); the message says what is kept."""
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(what: str):
+    """A Ctrl-C in this phase becomes one line saying what of the work is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+
+
 def parse(argv=None) -> dict:
     cfg = resolve(OPTIONS, argv, "flux_urae_train.py",
                   "URAE training for FLUX.1: `accelerate launch flux_urae_train.py --config presets/4k.toml`",
-                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample"))
+                  sections=("model", "data", "network", "runtime", "training", "optimizer", "output", "sample", "validation"),
+                  foreign=SD_SCRIPTS_FLAGS)
     check(cfg)
     return cfg
 
 
 class _InterruptFlag:
-    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 0.
+    """Ctrl-C or SIGTERM asks for a clean stop: save a state at the end of the current step, then exit 128 + the
+    signal's number (130, 143: the shell's convention, so `train && infer` does not go on without a final file).
 
     Signals within a few seconds of the first count as the same request (under `accelerate launch` each
     worker gets the terminal's SIGINT and then the launcher's forwarded copy); a later one aborts at once.
@@ -80,6 +107,7 @@ class _InterruptFlag:
 
     def __init__(self):
         self.set = False
+        self.signum = signal.SIGINT  # the first signal received (SIGINT when another rank got it)
         self._first = 0.0
         self._old: dict = {}
 
@@ -88,7 +116,7 @@ class _InterruptFlag:
         if self.set and now - self._first > self.GRACE_SECONDS:
             raise KeyboardInterrupt
         if not self.set:
-            self.set, self._first = True, now
+            self.set, self._first, self.signum = True, now, signum
             print(f"\n{signal.Signals(signum).name}: saving a state at the end of this step "
                   f"(signal again after {self.GRACE_SECONDS:.0f} s to abort)", flush=True)
 
@@ -122,7 +150,7 @@ def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
     """What a file should be generated with: the training runtime when it was changed (the 4K recipe), else
     URAE's defaults at the trained size (the 2K recipe trains with stock RoPE but generates with NTK 10 and
     proportional attention, as the public URAE inference does)."""
-    if training.ntk_factor != 1 or training.proportional_attention:
+    if training.ntk_factor != 1 or training.proportional_attention or training.rope != "ntk":
         return training
     w, h = _parse_size(cfg["resolution"])
     return HighResSettings.for_resolution(w, h)
@@ -142,7 +170,7 @@ def _base_lora_record(spec: str) -> dict:
 def _adapter_metadata(cfg, step: int) -> dict:
     recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "resolution",
                                   "real_prompt_ratio", "timestep_sampling", "optimizer_type", "learning_rate",
-                                  "ntk_factor", "proportional_attention",
+                                  "ntk_factor", "proportional_attention", "rope",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
     if cfg["base_lora"]:
         recipe["base_lora"] = _base_lora_record(cfg["base_lora"])
@@ -159,12 +187,6 @@ def _adapter_metadata(cfg, step: int) -> dict:
         "ss_sd_model_name": Path(str(cfg["pretrained_model_name_or_path"])).name,
         "urae_recipe": json.dumps(recipe, sort_keys=True),
     }
-
-
-def _current_lr(optimizer) -> float:
-    g = optimizer.param_groups[0]
-    # Prodigy's effective step size is d * lr
-    return float(g["lr"]) * float(g.get("d", 1.0))
 
 
 # ---------------------------------------------------------------- stage 1: plan
@@ -195,6 +217,16 @@ def _tensorboard(cfg) -> bool:
     return True
 
 
+def config_line(cfg: dict, out_dir: Path) -> str:
+    """One line in place of the whole resolved config: where it came from and where all of it is written."""
+    sources = cfg.get("_sources", {})
+    changed = [k for k, v in sources.items() if v != "default"]
+    origin = " + ".join(x for x in (cfg.get("_config_file"), "command line" if "command line" in sources.values()
+                                    else None) if x) or "defaults"
+    return (f"config: {origin} ({len(changed)} of {len(sources)} keys set); every resolved key is written to "
+            f"{out_dir / RUN_MARKER} when training starts")
+
+
 def plan_stage(cfg, accelerator) -> RunPlan:
     main = accelerator.is_main_process
     if cfg["demo"] and main:
@@ -205,18 +237,19 @@ def plan_stage(cfg, accelerator) -> RunPlan:
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
     plan = make_plan(cfg, is_main=main, world=accelerator.num_processes)
     plan.memory = resolve_memory(cfg, accelerator.device, plan.model_config, fsdp_requested(accelerator),
-                                 accelerator.num_processes)
+                                 accelerator.num_processes, plan.model_location)
     accelerator.wait_for_everyone()
     if main:
         if cfg["guidance_scale"] != 1.0:
             log.warning(f"WARNING: training with guidance_scale = {cfg['guidance_scale']} (allow_training_guidance). "
                         f"FLUX.1-dev is guidance-distilled; URAE trains with 1.0 and the result may lose quality.")
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        print("training config:\n" + format_table(cfg), flush=True)
+        print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
+        print(plan.paths(cfg), flush=True)
         print(plan.memory.summary(), flush=True)
-        if cfg["overwrite"] and plan.resume_path is None:
-            clear_run(plan.out_dir, cfg["output_name"])
+        if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
+            clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
         remove_partial_saves(plan.out_dir)
     accelerator.wait_for_everyone()
     return plan
@@ -257,11 +290,13 @@ def cache_stage(cfg, plan: RunPlan, accelerator, weight_dtype):
 
 
 def _sample_prompts(cfg) -> list[dict]:
+    """Sample prompts, then validation prompts (marked `validation`): their embeddings are cached alike."""
+    from urae.eval.validation import records
     from urae.prompts import read_prompts
 
     if not cfg["sample_prompts"] or not (cfg["sample_every_n_steps"] or cfg["sample_at_first"]):
-        return []
-    return list(read_prompts(cfg["sample_prompts"]))
+        return records(cfg)
+    return list(read_prompts(cfg["sample_prompts"])) + records(cfg)
 
 
 def load_for_training(cfg, plan: RunPlan, weight_dtype, sampling: bool):
@@ -287,6 +322,7 @@ class Model:
     trainable: list
     settings: HighResSettings
     fsdp: bool = False  # the base is sharded: every rank must run every forward (samples included)
+    memory: object = None  # urae.memory.MemoryHandle when memory options are active (transfer statistics)
 
 
 def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
@@ -297,33 +333,40 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
         transformer.to(device)
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
-    settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
+    settings = runtime_settings(cfg)
     module = importlib.import_module(cfg["network_module"])
     kwargs = network_kwargs(cfg)
     known = getattr(module, "KNOWN_ARGS", None)  # the plan stage already warned about the others
     kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
+    if not accelerator.is_main_process and (known is None or "verbose" in known):
+        kwargs["verbose"] = "False"  # its summary line and SVD bar once, from rank 0
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
-        network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
-                                        **kwargs)
+        with init_rng(cfg["seed"]):
+            network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
+                                            **kwargs)
         network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
         if plan.resume_path is not None:  # the saved factors and frozen copies make the SVD unnecessary
             load_adapter_state(plan.resume_path, network)
     except ValueError as e:
         raise ConfigError(f"network: {e}") from None
-    network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
+    with init_rng(cfg["seed"]):
+        network.prepare_grad_etc(None, transformer)  # minor/major SVD (shared across ranks) unless resumed
     network.to(device)
+    broadcast_from_main(network, accelerator.num_processes)
     if fsdp:
         shard_base(transformer, device)
         if accelerator.is_main_process:
             print(f"FSDP: the frozen base is split over {accelerator.num_processes} processes, "
                   f"{human_bytes(sharded_bytes_per_rank(transformer))} of weights each", flush=True)
+    handle = None
     if plan.memory.active:  # after the SVD: the minor components come from the full-precision weights
         from urae.memory import setup_memory
 
-        setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"])
+        handle = setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"],
+                              disk_dir=plan.memory.disk_dir)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    return Model(transformer, network, trainable, settings, fsdp)
+    return Model(transformer, network, trainable, settings, fsdp, handle)
 
 
 def _optimizer(cfg, network):
@@ -341,10 +384,16 @@ def _optimizer(cfg, network):
 class Saver:
     """States and the final file; a save that fails for lack of space stops the run with what to do."""
 
-    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched):
+    def __init__(self, cfg, plan: RunPlan, network, optimizer, lr_sched, accelerator):
         self.cfg, self.plan = cfg, plan
         self.network, self.optimizer, self.lr_sched = network, optimizer, lr_sched
+        self.device, self.world, self.main = (accelerator.device, accelerator.num_processes,
+                                              accelerator.is_main_process)
         self.last_good = plan.resume_path
+
+    def agree(self, when: str) -> None:
+        """Every rank calls it: a diverged adapter stops the run as a bug before anything is written."""
+        check_ranks_agree(self.network, self.device, self.world, when, self.last_good)
 
     def _guard(self, what: str, fn):
         try:
@@ -359,6 +408,13 @@ class Saver:
                 f"with --resume auto") from None
 
     def state(self, step: int) -> None:
+        """Every rank calls it: the ranks' agreement is checked, then rank 0 writes the state."""
+        self.agree(f"at step {step}")
+        if self.main:
+            self.write(step)
+        self.last_good = state_dir(self.plan.out_dir, step)
+
+    def write(self, step: int) -> None:
         cfg = self.cfg
         path = self._guard(f"the state of step {step}", lambda: save_state(
             self.plan.out_dir, step, self.network, self.optimizer, self.lr_sched, {"seed": cfg["seed"]},
@@ -376,7 +432,8 @@ class Saver:
 
 
 def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, settings, device, rank: int = 0,
-                 world: int = 1, main: bool = True, write: bool = True) -> list[Path]:
+                 world: int = 1, main: bool = True, write: bool = True, folder: str = "samples",
+                 size: str | None = None) -> list[Path]:
     """This rank's share of the sample prompts (prompt k of the file is `prompts[k // world]` on rank k % world)."""
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
@@ -387,13 +444,13 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
     transformer, vae, scheduler = parts
     pipe = FluxPipeline(scheduler=scheduler, vae=vae.to(device), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    w, h = _parse_size(cfg["sample_resolution"] or cfg["resolution"])
+    w, h = _parse_size(size or cfg["sample_resolution"] or cfg["resolution"])
     used = settings.with_scheduler_shift(scheduler)  # what the images record: the shift actually applied
     was_training = network.training
     network.eval()
     paths = []
     try:
-        for j, rec in enumerate(tqdm(prompts, desc=f"samples at step {step}", unit="image", leave=False,
+        for j, rec in enumerate(tqdm(prompts, desc=f"{folder} at step {step}", unit="image", leave=False,
                                      disable=not main)):
             i = j * world + rank
             req = SampleRequest(rec["prompt"], rec.get("width", w), rec.get("height", h), rec.get("seed", cfg["seed"]),
@@ -403,15 +460,15 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
             img = generate(pipe, req, used, prompt_embeds=tuple(t.to(device) for t in rec["embeds"]),
                            negative_embeds=None if neg is None else tuple(t.to(device) for t in neg))
             if write:
-                paths.append(save_png(img, out_dir / "samples", f"{step:07d}_{i:02d}",
+                paths.append(save_png(img, out_dir / folder, f"{step:07d}_{i:02d}",
                                       {"prompt": req.prompt, "step": step, "seed": req.seed, "width": req.width,
                                        "height": req.height, "cfg_scale": req.cfg_scale, "runtime": used.to_dict()}))
     finally:
         network.train(was_training)
         vae.to("cpu")
-    if main and paths:
-        print(f"samples of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
-              f"{out_dir / 'samples'}", flush=True)
+    if main and paths:  # above the training bar, not glued onto it
+        tqdm.write(f"{folder} of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
+                   f"{out_dir / folder}")
     return paths
 
 
@@ -437,16 +494,24 @@ def train_step(cfg, model: Model, stream: BatchStream, step: int, accelerator) -
     return total
 
 
+def _transfer_stats(handle) -> dict:
+    """This step's host <-> device and disk traffic of the memory options (empty when none is active)."""
+    if handle is None:
+        return {}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in handle.step_stats().items()}
+
+
 def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler, accelerator, tb: bool) -> int:
     from tqdm.auto import tqdm
 
     from urae.data import make_dataloader
+    from urae.optim import step_size
 
     device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process)
     network, trainable, settings = model.network, model.trainable, model.settings
     optimizer, lr_sched = _optimizer(cfg, network)
-    saver = Saver(cfg, plan, network, optimizer, lr_sched)
+    saver = Saver(cfg, plan, network, optimizer, lr_sched, accelerator)
     start = 0
     if plan.resume_path is not None:
         start = int(load_optimizer_state(plan.resume_path, optimizer, lr_sched)["step"])
@@ -459,23 +524,45 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     if main:
         print(f"training {cfg['max_train_steps'] - start} step(s) (from {start}) on {world} process(es), "
               f"{len(caches.entries)} image(s), {human_count(sum(p.numel() for p in trainable))} trainable parameters, "
-              f"ntk {settings.ntk_factor}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
+              f"rope {settings.describe_rope()}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
               f"guidance {cfg['guidance_scale']}, {'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision} "
               f"on {device}", flush=True)
     if tb:
         accelerator.init_trackers("urae", config={k: v for k, v in cfg.items()
                                                   if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
     parts = (model.transformer, vae, scheduler)
+    checks = [p for p in prompts if p.get("validation")]
+    prompts = [p for p in prompts if not p.get("validation")]
 
-    def samples(step):
+    def samples(step, recs=prompts, **kw):
         if model.fsdp:  # sharded blocks need every rank in each forward: all ranks draw every sample, one writes
-            make_samples(cfg, parts, prompts, step, plan.out_dir, network, settings, device, write=main, main=main)
+            make_samples(cfg, parts, recs, step, plan.out_dir, network, settings, device, write=main, main=main, **kw)
         else:
-            make_samples(cfg, parts, prompts[rank::world], step, plan.out_dir, network, settings, device, rank, world,
-                         main=main)
+            make_samples(cfg, parts, recs[rank::world], step, plan.out_dir, network, settings, device, rank, world,
+                         main=main, **kw)
         accelerator.wait_for_everyone()
 
     log_path = plan.out_dir / "train_log.jsonl"
+    metrics = None
+    if checks and main:
+        from urae.eval.validation import metrics_for, score_step
+
+        metrics = metrics_for(cfg)
+
+    def validate(step):
+        """Validation images at the training resolution, scored on the main process, logged like the loss."""
+        samples(step, checks, folder="validation", size=cfg["resolution"])
+        if main:
+            values = score_step(metrics, plan.out_dir, step)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if tb:
+                accelerator.log(values, step=step)
+            print(f"validation at step {step}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4g}"
+                                                            for k, v in values.items()), flush=True)
+        accelerator.wait_for_everyone()
+
+    every = cfg["validation_every_n_steps"] if checks else None
     network.train()
     bar = tqdm(total=cfg["max_train_steps"], initial=start, disable=not main, unit="step", desc="training",
                dynamic_ncols=True)
@@ -485,13 +572,16 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
         interrupt = stack.enter_context(_InterruptFlag())
         if cfg["sample_at_first"] and prompts and start == 0:
             samples(0)
+        if every and start == 0:  # the base model's values: where the curves start
+            validate(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
+                bar.close()  # the lines below start on their own line
+                saver.state(step)
                 if main:
-                    saver.state(step)
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
-                          f"plus --resume auto")
-                return 0
+                          f"plus --resume auto", flush=True)
+                return 128 + int(interrupt.signum)
             t0 = time.perf_counter()
             network.on_step_start(None, model.transformer)
             loss = train_step(cfg, model, stream, step, accelerator)
@@ -511,29 +601,31 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            lr, dt = _current_lr(optimizer), time.perf_counter() - t0
+            lr, dt = step_size(optimizer), time.perf_counter() - t0
+            moved = _transfer_stats(model.memory)
             if main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.3g}", s_step=f"{dt:.2f}")
+                bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3g}" for k, v in lr.items()}, s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, **lr, "seconds": round(dt, 4),
+                                        **({"memory": moved} if moved else {})}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss, "lr": lr}, step=done)
+                    accelerator.log({"loss": loss, **lr, **{f"memory/{k}": v for k, v in moved.items()}}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
-                if main:
-                    saver.state(done)
-                saver.last_good = state_dir(plan.out_dir, done)
+                saver.state(done)
                 accelerator.wait_for_everyone()
             if prompts and cfg["sample_every_n_steps"] and done % cfg["sample_every_n_steps"] == 0:
                 samples(done)
+            if every and done % every == 0:
+                validate(done)
         bar.close()
-        if not ranks_agree(trainable, device, world):
-            raise TrainingStopped("the adapters differ between processes after training; this is a bug, please "
-                                  "report it with your accelerate config")
+        saver.agree("after training")
         if main:
             save_stage(cfg, plan, saver, world)
         if prompts and cfg["sample_every_n_steps"] and cfg["max_train_steps"] % cfg["sample_every_n_steps"]:
             samples(cfg["max_train_steps"])
+        if every and cfg["max_train_steps"] % every:
+            validate(cfg["max_train_steps"])
     return 0
 
 
@@ -544,17 +636,33 @@ def save_stage(cfg, plan: RunPlan, saver: Saver, world: int) -> None:
         print(f"adapter identical on all {world} processes")
     final = saver.final()
     if cfg["save_every_n_steps"]:
-        saver.state(cfg["max_train_steps"])
+        saver.write(cfg["max_train_steps"])  # rank 0 alone: the ranks were checked just before
     print(f"saved {final} ({len(list_states(plan.out_dir))} state(s) kept)")
 
 
 def train(cfg: dict) -> int:
-    """Run training; returns the process exit code (0 also after a Ctrl-C checkpoint)."""
+    """Run training; returns the process exit code (130 / 143 after a Ctrl-C / SIGTERM checkpoint). A run that
+    fails before saving anything leaves no trace that would refuse the next one."""
+    out_dir = Path(cfg["output_dir"])
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            forget_unstarted_run(out_dir, cfg["output_name"], created)
+        raise
+
+
+def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
-    plan = plan_stage(cfg, accelerator)
+    if not accelerator.is_main_process:  # each info line once, from rank 0; warnings and errors still show
+        logging.getLogger("urae").setLevel(logging.WARNING)
+    with _on_ctrl_c("during the checks; nothing was written"):
+        plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
-    caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
+    with _on_ctrl_c("while caching; the cache files finished so far are kept, and the next run reuses them"):
+        caches, prompts = cache_stage(cfg, plan, accelerator, weight_dtype)
     if cfg["cache_only"]:
         if accelerator.is_main_process:
             print(f"caches ready: {len(caches.entries)} image(s); run again without --cache_only to train")
@@ -562,8 +670,9 @@ def train(cfg: dict) -> int:
     if accelerator.is_main_process:
         with atomic_path(plan.out_dir / RUN_MARKER) as tmp:
             tmp.write_text(to_toml(cfg))
-    transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
-    model = model_stage(cfg, plan, transformer, accelerator)
+    with _on_ctrl_c("while loading the model, before the first step; the caches are complete and kept"):
+        transformer, vae, scheduler = load_for_training(cfg, plan, weight_dtype, sampling=bool(prompts))
+        model = model_stage(cfg, plan, transformer, accelerator)
     try:
         rc = loop_stage(cfg, plan, model, caches, prompts, vae, scheduler, accelerator, tb)
     finally:
@@ -584,8 +693,17 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return train(parse(argv))
+        cfg = parse(argv)
+        if cfg["optimizer_type"] != "adamw8bit":  # before diffusers imports it (see urae.optional_imports)
+            defer_bitsandbytes()
+        return train(cfg)
     except _user_errors() as e:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar may have been cut short mid-line
+            print(f"\ninterrupted {str(e) or 'by Ctrl-C; the files finished before it are kept'}", file=sys.stderr,
+                  flush=True)
+        return 130

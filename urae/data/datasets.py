@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_VARIANTS = ("prompt", "generated_prompt")  # keys of the URAE .json side files
+# Side files tried, in this order, when no caption_extension is set (the first that exists is read).
+CAPTION_EXTENSIONS = (".txt", ".json", ".caption")
 DEFAULT_CACHE_FOLDER = ".urae_cache"
 # Above this enlargement an image mostly adds interpolated pixels: worth a warning at 2K/4K.
 UPSCALE_WARN = 1.5
@@ -43,7 +45,7 @@ class Subset:
 
     image_dir: Path
     spec: BucketSpec
-    caption_extension: str = ".txt"
+    caption_extension: str | None = None  # None: whichever of CAPTION_EXTENSIONS exists
     num_repeats: int = 1
     random_crop: bool = False
     real_prompt_ratio: float = 0.5
@@ -74,7 +76,8 @@ class ScanResult:
     items: list[ImageItem]
     undecodable: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason)
     too_small: list[Path] = field(default_factory=list)
-    missing_captions: int = 0
+    missing_captions: int = 0  # images with no caption side file
+    bad_captions: list[tuple[Path, str]] = field(default_factory=list)  # (side file, why): empty or unreadable
     upscaled: list[tuple[Path, float]] = field(default_factory=list)  # (image, factor) above UPSCALE_WARN
 
 
@@ -150,19 +153,22 @@ def subsets_from_toml(path: str | os.PathLike, options: DataOptions) -> list[Sub
             if "image_dir" not in merged:
                 raise ValueError(f"{path}: datasets[{di}].subsets[{si}] has no image_dir "
                                  "(metadata_file-only fine-tuning subsets are not supported)")
-            image_dir = Path(merged["image_dir"])
-            if not image_dir.is_dir() and (path.parent / image_dir).is_dir():
-                image_dir = path.parent / image_dir  # relative to the TOML when not to the cwd
+            image_dir = Path(merged["image_dir"]).expanduser()  # one rule for every path: relative to the cwd
             if not image_dir.is_dir():
-                raise FileNotFoundError(f"{path}: image_dir {merged['image_dir']} is not a folder")
+                beside = path.parent / image_dir
+                hint = (f"; relative paths are relative to the current folder ({Path.cwd()}), not to the TOML: "
+                        f"write {beside.resolve()}" if not image_dir.is_absolute() and beside.is_dir() else "")
+                raise FileNotFoundError(f"{path}: image_dir {merged['image_dir']} is not a folder{hint}")
             ext = merged.get("caption_extension", options.caption_extension)
+            if ext is not None and not ext.startswith("."):
+                ext = "." + ext
             ratio = float(merged.get("real_prompt_ratio", options.real_prompt_ratio))
             if not 0 <= ratio <= 1:
                 raise ValueError(f"{path}: real_prompt_ratio must be in [0, 1], got {ratio}")
             repeats = int(merged.get("num_repeats", 1))
             if repeats < 1:
                 raise ValueError(f"{path}: num_repeats must be >= 1, got {repeats}")
-            out.append(Subset(image_dir.resolve(), spec, ext if ext.startswith(".") else "." + ext, repeats,
+            out.append(Subset(image_dir.resolve(), spec, ext, repeats,
                               bool(merged.get("random_crop", options.random_crop)), ratio,
                               _subset_cache_root(cache_root, image_dir)))
     if ignored:
@@ -181,22 +187,43 @@ def find_images(root: Path) -> list[Path]:
     return sorted(out)
 
 
-def read_captions(image: Path, extension: str) -> dict[str, str] | None:
-    """Caption variants from the side file; None if there is none (or it holds no prompt)."""
-    side = image.with_suffix(extension)
-    if not side.is_file():
+def caption_file(image: Path, extension: str | None) -> Path | None:
+    """The image's caption side file: `extension`'s, or the first of CAPTION_EXTENSIONS that exists."""
+    for ext in (extension,) if extension else CAPTION_EXTENSIONS:
+        side = image.with_suffix(ext)
+        if side.is_file():
+            return side
+    return None
+
+
+class CaptionError(ValueError):
+    """A caption file that exists but gives no caption (empty, unreadable, JSON without a prompt)."""
+
+
+def read_captions(image: Path, extension: str | None = None) -> dict[str, str] | None:
+    """Caption variants from the side file; None if there is none. CaptionError if it exists but holds none."""
+    side = caption_file(image, extension)
+    if side is None:
         return None
-    text = side.read_text(encoding="utf-8", errors="replace")
-    if extension.lower() == ".json":
+    try:
+        text = side.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaptionError(f"unreadable ({type(e).__name__})") from None
+    if side.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            logger.warning("%s: not valid JSON, treated as a missing caption", side)
-            return None
+            raise CaptionError("not valid JSON") from None
         caps = {k: str(data[k]).strip() for k in CAPTION_VARIANTS if isinstance(data, dict) and data.get(k)}
-        return caps or None
+        caps = {k: v for k, v in caps.items() if v}
+        if not caps:
+            raise CaptionError(f"no {' or '.join(CAPTION_VARIANTS)} in it")
+        return caps
     # Multi-line .txt captions are joined: a long VLM caption split over lines stays whole.
-    return {"prompt": " ".join(line.strip() for line in text.splitlines() if line.strip())}
+    caption = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if not caption:
+        raise CaptionError("empty")
+    return {"prompt": caption}
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -222,10 +249,13 @@ def scan(options: DataOptions, log: bool = True) -> ScanResult:
             except Exception as e:  # PIL raises several types for unreadable files
                 result.undecodable.append((p, f"{type(e).__name__}: {e}"))
                 continue
-            caps = read_captions(p, subset.caption_extension)
-            if caps is None:
-                result.missing_captions += 1
-                caps = {"prompt": ""}
+            try:
+                caps = read_captions(p, subset.caption_extension)
+                result.missing_captions += caps is None
+            except CaptionError as e:
+                result.bad_captions.append((caption_file(p, subset.caption_extension), str(e)))
+                caps = None
+            caps = caps or {"prompt": ""}
             bucket = subset.spec.assign(*size)
             if bucket is None:
                 result.too_small.append(p)
@@ -251,11 +281,16 @@ def _warn(result: ScanResult) -> None:
     if result.upscaled:
         worst, factor = max(result.upscaled, key=lambda x: x[1])
         logger.warning("%s of %s images are upscaled more than %.1f× to fit their bucket (most: %.2f×, %s); "
-                       "URAE's 4K recipe needs real ≥ 4K photos (bucket_no_upscale = true gives them smaller "
-                       "buckets instead)", f"{len(result.upscaled):,}", f"{len(result.items):,}", UPSCALE_WARN,
+                       "an enlarged image teaches its blur at the training resolution: use images at least that "
+                       "large (the 2K recipe's are 2048 px, the 4K recipe's ≥ 4096 px), or bucket_no_upscale = true "
+                       "to give them smaller buckets instead", f"{len(result.upscaled):,}", f"{len(result.items):,}", UPSCALE_WARN,
                        factor, worst)
     if result.missing_captions:
         logger.warning("%d image(s) have no caption file; an empty caption is used for them", result.missing_captions)
+    if result.bad_captions:
+        logger.warning("%d caption file(s) give no caption; an empty caption is used for their images:\n  %s",
+                       len(result.bad_captions), "\n  ".join(f"{p}: {why}" for p, why in result.bad_captions[:20])
+                       + (f"\n  … and {len(result.bad_captions) - 20} more" if len(result.bad_captions) > 20 else ""))
     if result.undecodable:
         logger.warning("skipped %d image(s) that could not be decoded:\n  %s", len(result.undecodable),
                        "\n  ".join(f"{p}: {why}" for p, why in result.undecodable))

@@ -25,13 +25,15 @@ class DataOptions:
         the same shape instead.
     random_crop: crop at a random offset instead of the centre; the offset is drawn once per
         image (seeded by its path) when the latent is cached, and recorded in the cache.
+    caption_extension: the caption side file's extension; None reads whichever of .txt, .json (keys
+        `prompt` / `generated_prompt`, the public URAE data) and .caption exists, in that order.
     cache_dir: where caches go; None -> a `.urae_cache` folder inside each image folder.
     cache_only: build the caches and stop (the trainer reads it).
     """
 
     train_data_dir: str | None = None
     dataset_config: str | None = None
-    caption_extension: str = ".txt"
+    caption_extension: str | None = None  # None: whichever of .txt / .json / .caption exists
     real_prompt_ratio: float = 0.5
     resolution: Any = 2048
     bucket_mode: str = "urae"
@@ -44,7 +46,7 @@ class DataOptions:
     cache_only: bool = False
 
     def __post_init__(self):
-        if not self.caption_extension.startswith("."):
+        if self.caption_extension and not self.caption_extension.startswith("."):
             self.caption_extension = "." + self.caption_extension
         if not 0.0 <= float(self.real_prompt_ratio) <= 1.0:
             raise ValueError(f"real_prompt_ratio must be in [0, 1], got {self.real_prompt_ratio}")

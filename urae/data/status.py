@@ -19,9 +19,10 @@ from urae.data import memo
 from urae.data.buckets import bucket_table
 from urae.data.datasets import ScanResult, scan
 from urae.data.distributed import Ranks, ranks_of
-from urae.data.latent_cache import check_latent_file, expected_facts, latent_path
+from urae.data.latent_cache import check_latent_file, dtype_name, expected_facts, latent_path
 from urae.data.options import DataOptions
 from urae.data.text_cache import T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL, check_text_file, text_path
+from urae.io import cached_file_meta
 
 COMPLETE, INCOMPLETE, UNKNOWN = "complete", "incomplete", "unknown"
 
@@ -140,15 +141,37 @@ def cache_status(options: DataOptions | dict, model_location: str | None, *, dty
 def _latent_status(result: ScanResult, roots, vae_id: str | None, storage: torch.dtype) -> KindStatus:
     unique = {latent_path(it): it for it in result.items}
     if vae_id is None:
-        return KindStatus(UNKNOWN, total=len(unique), why="VAE files not seen by a caching run")
+        return KindStatus(UNKNOWN, total=len(unique), why=_unjudged_latents(unique, storage))
     valid = sum(check_latent_file(p, expected_facts(it, vae_id, storage)) is None for p, it in unique.items())
     return KindStatus(COMPLETE if valid == len(unique) else INCOMPLETE, vae_id, len(unique), valid)
+
+
+def _unjudged_latents(files, storage: torch.dtype) -> str:
+    """Why the latents cannot be judged without the VAE, and what the files' headers already tell: how many are
+    missing and how many hold another storage dtype (one version per image is kept, so those are re-encoded)."""
+    missing, other = 0, {}
+    for p in files:
+        problem, meta = cached_file_meta(p, {"mean", "std"})
+        if problem:
+            missing += 1
+        elif meta.get("dtype") != dtype_name(storage):
+            other[meta.get("dtype")] = other.get(meta.get("dtype"), 0) + 1
+    why = f"no caching run has used these VAE files in {dtype_name(storage)} yet, so the VAE loads"
+    if missing == len(files):
+        return f"{why}: all {missing} latent files are still to be encoded"
+    parts = [f"{missing} missing"] if missing else []
+    parts += [f"{n} stored as {d} (this run stores {dtype_name(storage)}; the new files replace them)"
+              for d, n in other.items()]
+    rest = len(files) - missing - sum(other.values())
+    parts += [f"{rest} to check against the VAE"] if rest else []
+    return f"{why} to encode: {', '.join(parts)}"
 
 
 def _text_status(result: ScanResult, text_id: str | None, prompts, storage: torch.dtype | None) -> KindStatus:
     if text_id is None:
         return KindStatus(UNKNOWN, total=len(text_jobs(result, "", prompts)),
-                          why="text encoder files not seen by a caching run")
+                          why="no caching run has used these text encoder files in this dtype and T5 length yet, "
+                              "so the encoders load and check or encode every caption")
     jobs = text_jobs(result, text_id, prompts)
     valid = sum(check_text_file(p, c, text_id, storage) is None for p, c in jobs.items())
     return KindStatus(COMPLETE if valid == len(jobs) else INCOMPLETE, text_id, len(jobs), valid)

@@ -24,17 +24,19 @@ WORK_PER_TOKEN = 105_560
 WORK_FIXED = 7_500_000
 
 
-def transformer_bytes(fp8: bool = False) -> int:
-    """FLUX.1-dev's transformer in bf16, or with its blocks' Linear weights stored as float8."""
+def transformer_bytes(fp8: bool = False, param_bytes: int = 2) -> int:
+    """FLUX.1-dev's transformer at `param_bytes` per weight (2: bf16/fp16, 4: fp32), or with its blocks'
+    Linear weights stored as float8 (1 byte each)."""
     linear = N_DOUBLE * DOUBLE_LINEAR + N_SINGLE * SINGLE_LINEAR
     total = N_DOUBLE * DOUBLE_PARAMS + N_SINGLE * SINGLE_PARAMS + OTHER_PARAMS
-    return 2 * total - (linear if fp8 else 0)
+    return param_bytes * total - ((param_bytes - 1) * linear if fp8 else 0)
 
 
-def forward_work_bytes(width: int, height: int, text_tokens: int = TXT_TOKENS) -> int:
-    return WORK_PER_TOKEN * ((width // 16) * (height // 16) + text_tokens) + WORK_FIXED
+def forward_work_bytes(width: int, height: int, text_tokens: int = TXT_TOKENS, param_bytes: int = 2) -> int:
+    """One forward's activations; fitted in bf16, proportional to the element size."""
+    return (WORK_PER_TOKEN * ((width // 16) * (height // 16) + text_tokens) + WORK_FIXED) * param_bytes // 2
 
 
-def denoise_peak_bytes(width: int, height: int, fp8: bool = False) -> int:
+def denoise_peak_bytes(width: int, height: int, fp8: bool = False, param_bytes: int = 2) -> int:
     """The transformer resident plus one forward's activations: the peak of a denoising step."""
-    return transformer_bytes(fp8) + forward_work_bytes(width, height)
+    return transformer_bytes(fp8, param_bytes) + forward_work_bytes(width, height, param_bytes=param_bytes)
