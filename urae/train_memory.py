@@ -57,7 +57,7 @@ class MemoryChoice:
         if self.options.offload_activations == "disk" and c:
             run = c["disk"] * self.steps
             line += (f"\nmemory: the block inputs go to {self.disk_dir}: {human_bytes(c['disk'])} written per step, "
-                     f"{human_bytes(run)} over {self.steps} step(s); past a few hundred TB that is beyond many "
+                     f"{run / 1e12:,.1f} TB over {self.steps} step(s); past a few hundred TB that is beyond many "
                      f"SSDs' rated endurance: prefer checkpoint_segments where the GPU allows")
         return line
 
@@ -119,6 +119,11 @@ def default_disk_dir(cfg: dict) -> str:
     return cfg["activation_dir"] or cfg["cache_dir"] or cfg["train_data_dir"] or cfg["output_dir"]
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the training GPU, None without one (the one place that asks, so a test can pretend)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, fsdp: bool,
                    world: int, model_location: str | None = None) -> MemoryChoice:
     from urae.data.options import parse_resolution
@@ -128,11 +133,11 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
     explicit = {k: cfg[k] for k in MEMORY_KEYS if cfg[k] is not None}
     w, h = parse_resolution(cfg["resolution"])
     batch = cfg["train_batch_size"]
-    auto = cfg["memory"] == "auto" and device.type == "cuda" and not fsdp and cfg["gradient_checkpointing"]
+    total = device_memory_bytes(device)
+    auto = cfg["memory"] == "auto" and total is not None and not fsdp and cfg["gradient_checkpointing"]
     in_page_cache = weights_in_page_cache(cfg, model_location)
     pinned, ram = host_budgets(cfg["host_memory_budget"])
     if auto:
-        total = torch.cuda.get_device_properties(device).total_memory
         try:  # the keys the user set stay as set; auto chooses the others
             options, _ = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
                                        host_budget_bytes=pinned, fixed=explicit, host_ram_bytes=ram,
@@ -149,7 +154,7 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
                         "trains (README, 'Fit your GPU'); more host RAM (host_memory_budget) or a bigger GPU avoids it")
     else:
         options = dataclasses.replace(MemoryOptions(), **explicit)
-        how = ("no GPU: nothing to fit" if device.type != "cuda" else
+        how = ("no GPU: nothing to fit" if total is None else
                f"FSDP over {world} GPUs" if fsdp and cfg["memory"] == "auto" else
                "memory = auto needs gradient checkpointing: everything resident" if cfg["memory"] == "auto" else
                "memory = off")
@@ -169,7 +174,7 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
         except OSError as e:
             raise ConfigError(f"offload_activations = disk: cannot use {disk_dir} for its file ({e.strerror}); set "
                               f"activation_dir to a folder on a fast local disk") from None
-    gpu = not fsdp and device.type == "cuda" and cfg["gradient_checkpointing"]
+    gpu = not fsdp and total is not None and cfg["gradient_checkpointing"]
     peak = estimate_peak_bytes(options, w, h, batch_size=batch, rank=cfg["network_dim"]) if gpu else None
     costs = step_costs(options, w, h, batch, ram, in_page_cache) if gpu else {}
     return MemoryChoice(options, peak, how, costs, disk_dir, cfg["max_train_steps"] * cfg["gradient_accumulation_steps"])

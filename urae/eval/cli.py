@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from urae.config import ConfigError, Option, resolve
-from urae.eval.metrics import WEIGHT_FREE, EvalError, make_metrics, parse_overrides
+from urae.eval.metrics import EvalError, make_metrics, parse_overrides
 
 MODES = ("score", "compare", "report")
 DEFAULT_METRICS = ("detail", "clip_score", "pickscore")
@@ -154,5 +154,3 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return 130
 
-
-__all__ = ["main", "WEIGHT_FREE"]
