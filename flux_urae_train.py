@@ -8,10 +8,8 @@
 import sys
 
 from urae.logs import quiet_known_warnings
-from urae.optional_imports import defer_bitsandbytes
 
 quiet_known_warnings()  # before the third-party imports below log them
-defer_bitsandbytes()  # only an 8-bit optimizer imports it (see urae.optional_imports)
 
 from urae.trainer import main  # noqa: E402
 

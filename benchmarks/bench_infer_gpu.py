@@ -23,6 +23,7 @@ Without CUDA the same script runs the tiny configuration (urae.tiny) on the CPU 
     python benchmarks/bench_infer_gpu.py --attention urae      # only the URAE setting (proportional attention on)
     python benchmarks/bench_infer_gpu.py --sizes 4096 --json out.json
     python benchmarks/bench_infer_gpu.py --quick               # smoke run (CPU: seconds)
+    python benchmarks/bench_infer_gpu.py --speed --sizes 2048  # a row per speed option (benchmarks/speed_rows.py)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
 T5_LENGTH = 512
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 datasheet figure (H200: same compute)
-ANCHOR_S = 5 * 60  # public URAE README: about 5 minutes per 4096² image on an H100
+ANCHOR_S = 5 * 60  # a note in the public URAE code's inference_4k.ipynb: about 5 minutes per 4096² image
 GOAL_S = 3 * 60
 
 FLOP_FORMULA = ("FLOP per transformer pass = B x (24 D^2 N + 4 D N^2) + 2 D (2 C N_img + J N_txt), with B = 57 blocks "
@@ -76,7 +77,7 @@ def flops_per_pass(cfg: dict, width: int, height: int, txt: int = T5_LENGTH) -> 
 
 
 def params_estimate_flops(n_params: float, width: int, height: int, cfg: dict, txt: int = T5_LENGTH) -> float:
-    """The issue's rougher count: 2 x parameters x tokens + attention (counts AdaLN and both streams per token)."""
+    """A rougher count: 2 x parameters x tokens + attention (counts AdaLN and both streams per token)."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     n = (height // 16) * (width // 16) + txt
     return 2 * n_params * n + (cfg["num_layers"] + cfg["num_single_layers"]) * 4 * d * n * n
@@ -274,10 +275,11 @@ def decode_estimate(decodes: dict[int, float], size: int) -> float:
 
 def print_anchor(cfg: dict, n_params: float, tiny: bool, ceiling: float) -> None:
     f_ours = flops_per_pass(FLUX_DEV_TRANSFORMER, 4096, 4096)
-    f_issue = params_estimate_flops(11.9e9, 4096, 4096, FLUX_DEV_TRANSFORMER)
-    print("anchor: the public URAE README says about 5 min per 4096x4096 image on an H100; goal here: <= 3 min on an H100")
-    print(f"floor: 28 steps x {f_issue / 1e15:.1f} PFLOP (2 x 11.9e9 parameters x 66,048 tokens + attention) at "
-          f"{H100_BF16_DENSE / 1e12:.0f} TFLOP/s (H100 dense bf16 datasheet) = {28 * f_issue / H100_BF16_DENSE / 60:.1f} "
+    f_params = params_estimate_flops(11.9e9, 4096, 4096, FLUX_DEV_TRANSFORMER)
+    print("anchor: a note in the public URAE code (inference_4k.ipynb) says about 5 min per 4096x4096 image on an "
+          "H100; goal here: <= 3 min on an H100")
+    print(f"floor: 28 steps x {f_params / 1e15:.1f} PFLOP (2 x 11.9e9 parameters x 66,048 tokens + attention) at "
+          f"{H100_BF16_DENSE / 1e12:.0f} TFLOP/s (H100 dense bf16 datasheet) = {28 * f_params / H100_BF16_DENSE / 60:.1f} "
           f"min; the per-token count below gives {f_ours / 1e15:.2f} PFLOP per step = "
           f"{28 * f_ours / H100_BF16_DENSE / 60:.1f} min"
           + ("" if tiny else f", {28 * f_ours / (ceiling * 1e12) / 60:.1f} min at this GPU's measured matmul ceiling"))
@@ -375,6 +377,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON (rewritten after every measurement)")
     ap.add_argument("--cpu", action="store_true", help="run the tiny CPU smoke check even when CUDA is available")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--speed", action="store_true", help="instead of the attention rows: one row per inference "
+                    "speed option (cache, backend, compile) with its difference to the dense image; GPU sizes "
+                    "default 2048 4096, no VAE-only decode")
+    ap.add_argument("--speed-options", nargs="+", help="rows for --speed: dense, compile, backend:NAME, fbcache, "
+                    "taylorseer, magcache, or several joined with + (default: benchmarks/speed_rows.py GPU_OPTIONS)")
+    ap.add_argument("--speed-steps", type=int, help="steps of each --speed image (default 28 on GPU, 3 on CPU)")
     a = ap.parse_args(argv)
 
     dev = Device(a.cpu, a.dtype)
@@ -383,6 +391,8 @@ def main(argv=None) -> int:
         sizes, timed, vae_size = ([1024], 3, 2048) if dev.cuda else ([128], 2, 128)
     else:
         sizes, timed, vae_size = ([1024, 2048, 4096], 5, 4096) if dev.cuda else ([256, 512], 3, 512)
+    if a.speed:
+        sizes, vae_size = ([2048, 4096] if dev.cuda else sizes), 0
     sizes = sorted(a.sizes or sizes)  # ascending: each row's measured rate predicts the next, larger one
     warmup = 2 if a.warmup_steps is None else a.warmup_steps
     timed = a.timed_steps or timed
@@ -453,6 +463,22 @@ def main(argv=None) -> int:
     embeds = (torch.randn(1, T5_LENGTH, cfg["joint_attention_dim"], generator=g).to(dev.torch, dev.dtype),
               torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(dev.torch, dev.dtype))
 
+    if a.speed:
+        from benchmarks.speed_rows import CPU_OPTIONS, GPU_OPTIONS, parse_option, print_speed_report, run_speed
+
+        options = a.speed_options or (GPU_OPTIONS if dev.cuda else CPU_OPTIONS)
+        for o in options:
+            try:
+                parse_option(o, dev.cuda)
+            except ValueError as e:
+                ap.error(str(e))
+        steps = a.speed_steps or (28 if dev.cuda else 3)
+        results.update(speed_rows=[], speed_skipped=[], speed_steps=steps, speed_options=list(options))
+        run_speed(pipe, cfg, sizes, options, steps, embeds, dev, left, results, save, flops_per_pass)
+        print_speed_report(results)
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        save()
+        return 0
     decodes = {r["size"]: r["seconds"] for r in results["vae"] if r["mode"] == "split" and r["status"] == "ok"}
     rates: dict[int, float] = {}  # size -> measured steady FLOP/s
     probed: dict[str, dict] = {}

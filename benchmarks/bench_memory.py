@@ -23,6 +23,14 @@ With a GPU (`--gpu`): the same step for real with random weights, torch.cuda.max
 the step time relative to all-resident; rows whose configuration targets 24 GB run under
 torch.cuda.set_per_process_memory_fraction(24 GB).
 
+With `--host-ram`: what memory = "auto" picks for 16 / 24 / 48 GB GPUs on machines with that much RAM
+(urae.memory.auto.host_limits: 6 GiB kept for the system and the process, pinned memory at most 70 % of
+RAM), from the estimates alone (seconds): the device peak, pinned host memory (exact: urae.memory.pinned),
+weights read from the page cache, weights converted into a host copy, the activation file, bytes moved
+per step over PCIe, and the step's floors: the FLOPs at an RTX 4090's 165 TFLOP/s, PCIe at 25 GB/s, the
+disk at 2 GB/s (activation file, and the swapped weights read again when RAM cannot keep their pages).
+
+    python benchmarks/bench_memory.py --sizes 2048 4096 --host-ram 32 64   # auto on real machines (seconds)
     python benchmarks/bench_memory.py                      # fake tensors, 1024² 2048² 4096² (CPU, ~12 min)
     python benchmarks/bench_memory.py --sizes 4096 --configs resident fp8+offload
     python benchmarks/bench_memory.py --gpu --sizes 1024 2048
@@ -68,6 +76,9 @@ CONFIGS = {
     "fp8+offload": MemoryOptions(fp8_base=True, offload_activations=True),
     "swap38+offload": MemoryOptions(blocks_to_swap=38, offload_activations=True),
     "fp8+swap19+offload": MemoryOptions(fp8_base=True, blocks_to_swap=19, offload_activations=True),
+    "segments8": MemoryOptions(checkpoint_segments=8),
+    "swap53+segments4": MemoryOptions(blocks_to_swap=53, checkpoint_segments=4),
+    "swap46+disk": MemoryOptions(blocks_to_swap=46, offload_activations="disk"),
 }
 QUICK_CONFIGS = {
     "resident": MemoryOptions(),
@@ -75,8 +86,11 @@ QUICK_CONFIGS = {
     "offload": MemoryOptions(offload_activations=True),
     "swap3": MemoryOptions(blocks_to_swap=3),
     "fp8+swap3+offload": MemoryOptions(fp8_base=True, blocks_to_swap=3, offload_activations=True),
+    "segments2": MemoryOptions(checkpoint_segments=2),
+    "swap3+disk": MemoryOptions(blocks_to_swap=3, offload_activations="disk"),
 }
 AUTO_GB = (16, 24, 48, 80)
+HOST_TABLE_GB = (16, 24, 48)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -171,10 +185,14 @@ def step_inputs(cfg, width, height, device, batch=1, txt=512):
 
 
 def train_step(transformer, network, device, inputs, options, cfg) -> tuple:
+    import tempfile
+
     from urae.flow import flow_loss
     from urae.memory import setup_memory
 
-    handle = setup_memory(transformer, options, device)
+    # swapped weights as read from a bf16 file: their host pages stand for the page cache (fake host tensors here)
+    source = (lambda t: t.detach().to("cpu")) if device == "meta" else None
+    handle = setup_memory(transformer, options, device, disk_dir=tempfile.gettempdir(), source=source)
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
     return handle, optimizer, lambda: _step(transformer, optimizer, inputs, flow_loss)
@@ -276,6 +294,41 @@ def step_flops(cfg, size: int) -> float:
     return 3 * flops_per_pass(cfg, size, size)
 
 
+def host_ram_table(sizes: list[int], rams_gb: list[int]) -> list[dict]:
+    """memory = auto on machines with `rams_gb` GB of RAM: estimates only."""
+    from urae.memory.auto import host_limits
+    from urae.memory.estimate import step_costs
+
+    rows = []
+    print("memory = auto for FLUX.1-dev (rank 16, batch 1) by GPU and host RAM; estimates. GiB = 2^30 bytes; "
+          "pinned = exact pinned bytes (torch's allocator would round each block to a power of two); page cache = "
+          "swapped weights read from the model files; converted = a host copy of swapped weights (fp8); disk = the "
+          "activation file; moved = PCIe bytes per step; floors in seconds per step: FLOPs at 165 TFLOP/s (RTX 4090), "
+          "PCIe at 25 GB/s, disk at 2 GB/s")
+    head = (f"{'size':>5} {'GPU':>4} {'RAM':>4}  {'configuration':<52} {'lossless':>8} {'peak':>6} {'of GPU':>6} "
+            f"{'pinned':>7} {'p.cache':>7} {'conv.':>6} {'disk':>6} {'moved':>6} {'FLOP s':>6} {'PCIe s':>6} "
+            f"{'disk s':>6}")
+    for size in sizes:
+        print("\n" + head)
+        for gb in HOST_TABLE_GB:
+            for ram_gb in rams_gb:
+                pinned_budget, ram = host_limits(ram_gb * GB)
+                try:
+                    options, peak = choose_memory(gb * GiB, size, size, host_budget_bytes=pinned_budget,
+                                                  host_ram_bytes=ram)
+                except ValueError as e:
+                    print(f"{size:>5} {gb:>4} {ram_gb:>4}  nothing fits: {e}")
+                    continue
+                c = step_costs(options, size, size, host_ram_bytes=ram)
+                rows.append({"size": size, "gpu_gb": gb, "ram_gb": ram_gb, "options": options.to_dict(),
+                             "peak": peak, **c})
+                print(f"{size:>5} {gb:>4} {ram_gb:>4}  {options.describe():<52} {'no' if options.fp8_base else 'yes':>8} "
+                      f"{peak / GiB:6.2f} {peak / (gb * GiB):6.2f} {c['pinned'] / GiB:7.2f} {c['page_cache'] / GiB:7.2f} "
+                      f"{c['converted'] / GiB:6.2f} {c['disk'] / GiB:6.2f} {c['pcie_bytes'] / GiB:6.1f} "
+                      f"{c['compute_s']:6.1f} {c['pcie_s']:6.2f} {c['disk_s']:6.1f}")
+    return rows
+
+
 def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -285,9 +338,16 @@ def main(argv=None) -> int:
                          f"auto24 auto48 auto80)")
     ap.add_argument("--gpu", action="store_true", help="measure on the GPU for real (random weights)")
     ap.add_argument("--quick", action="store_true", help="tiny model on the CPU, fake tensors: a smoke run")
+    ap.add_argument("--host-ram", type=int, nargs="+", metavar="GB",
+                    help="print what memory = auto picks for 16/24/48 GB GPUs on machines with this much RAM (estimates)")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     print("command: " + shlex.join(["python", "benchmarks/bench_memory.py", *(sys.argv[1:] if argv is None else argv)]))
+    if a.host_ram:
+        rows = host_ram_table(a.sizes, a.host_ram)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+        return 0
     names = a.configs or [*CONFIGS, *(f"auto{gb}" for gb in AUTO_GB)]
     if a.quick:
         from urae.tiny import transformer_config

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one prepared call on a lent machine (see benchmarks/README.md, "On a lent GPU"):
-# installs the carried wheels offline, then runs each benchmark within its share of the time budget and
+# The GPU benchmarks in one call within a time budget (see benchmarks/README.md, "On a GPU"): installs
+# the wheels in wheels/ offline if any, then runs each benchmark within its share of the budget and
 # writes NAME.log, NAME.json and summary.txt under $OUT (default out/gpu).
 #
 #   bash benchmarks/run_on_gpu.sh [BUDGET_SECONDS [EXTRA ARGS...]]
 #
 # BUDGET_SECONDS (default 540) bounds the whole script, install included; EXTRA ARGS go to every benchmark
-# (e.g. `--quick --cpu` for a dry run without a GPU). The machine has no registry: wheels/ must hold every
-# package its image lacks (diffusers, prodigyopt, toml), downloaded beforehand with `pip download`.
+# (e.g. `--quick --cpu` for a dry run without a GPU). On a machine without a package index, wheels/ holds
+# every package it lacks (diffusers, prodigyopt, toml), downloaded beforehand with `pip download`.
 # PYTHON (default python3) runs the benchmarks. Exit status 1 when a benchmark failed or was killed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ if compgen -G "wheels/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/urae-wheels${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! "$py" -c "import diffusers" 2>/dev/null; then
-    echo "error: diffusers is not importable; carry it as a wheel (benchmarks/README.md, 'On a lent GPU')" >&2
+    echo "error: diffusers is not importable; pip install -r requirements.txt, or put its wheel in wheels/ (benchmarks/README.md, 'On a GPU')" >&2
     exit 2
 fi
 {
@@ -64,8 +64,27 @@ bench() {
         | tee -a "$out/summary.txt"
 }
 
+# urae.memory's CUDA path: side-stream copies with injected delays, exact pinned bytes, a capped-GPU trainer step
+left=$(( budget - (SECONDS - start) ))
+if (( left >= 60 )) && [[ " ${extra[*]-} " != *" --cpu "* ]]; then
+    t0=$SECONDS
+    timeout -k 5 $(( left < 180 ? left : 180 )) "$py" -m pytest tests/test_memory_cuda.py -q -p no:cacheprovider 2>&1 \
+        | tee "$out/memory_cuda.log"
+    rc=${PIPESTATUS[0]}
+    (( rc == 0 )) || status=1
+    echo "memory_cuda: exit $rc after $(( SECONDS - t0 )) s" | tee -a "$out/summary.txt"
+fi
+
 # One line per benchmark, most important first (at most 3: $OUT brings back 8 files, 2 per benchmark + summary).
-bench infer 480 "$py" benchmarks/bench_infer_gpu.py
+# BENCHES picks them (default: infer): BENCHES=speed runs the speed-option rows (cache, backend, compile at
+# 2048² and 4096²; pass --sizes 2048 or --sizes 4096 to give one size the whole budget).
+for b in ${BENCHES:-infer}; do
+    case $b in
+        infer) bench infer 480 "$py" benchmarks/bench_infer_gpu.py ;;
+        speed) bench speed 520 "$py" benchmarks/bench_infer_gpu.py --speed ;;
+        *) echo "error: unknown benchmark '$b' in BENCHES (infer, speed)" >&2; exit 2 ;;
+    esac
+done
 
 echo "total $(( SECONDS - start )) s of ${budget} s" | tee -a "$out/summary.txt"
 exit $status

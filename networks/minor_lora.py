@@ -32,7 +32,7 @@ network_args (all strings, as sd-scripts passes them):
   plain_init=kaiming|gaussian (init=plain only; recorded in files, resume checks it)
   rank_pattern="regex:16;regex2:0"   alpha_pattern="regex:8"   (first match wins, rank 0 skips)
   dropout / rank_dropout / module_dropout (as sd-scripts; they act on the change only)
-  init_cache=path            base_lora=path (a LoRA fused into W before the SVD, see below)
+  init_cache=path            base_lora=path (a LoRA the SVD sees on top of W, applied frozen; see below)
   svd_weights=path           full-precision transformer (file or folder of shards) the SVD reads W from,
                              for a base stored in fp8
   train_t5xxl=True           runtime='{"ntk_factor": 10, ...}' (stored in saved files)
@@ -1691,7 +1691,7 @@ class MinorLoRANetwork(nn.Module):
         if self.init != "plain":
             raise ValueError(
                 f"{source} is a plain LoRA without minor_lora metadata; an init={self.init} network cannot resume "
-                f"from it. Pass it as base_lora=... to fuse it into W first, or use init=plain."
+                f"from it. Pass it as base_lora=... to train on top of it, or use init=plain."
             )
         load_plain(loras, sd, _TargetMap(self.unet_shapes, self.te_shapes), source)
 

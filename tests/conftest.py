@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny real-architecture FLUX.1 folder per test session, built offline."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,34 @@ def demo_data_dir(tmp_path_factory):
     from urae.demo import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n=8)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_argv(model, data, out, *extra) -> list[str]:
+    """flux_urae_train.py's arguments for the demo preset on the tiny model, no samples or states unless asked."""
+    return ["--config", str(ROOT / "presets/demo.toml"), "--no-demo", "--pretrained_model_name_or_path", str(model),
+            "--train_data_dir", str(data), "--output_dir", str(out), "--sample_every_n_steps", "0",
+            "--save_every_n_steps", "0", *extra]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_flux_dir, demo_data_dir, tmp_path_factory):
+    """One finished training run for the tests that only read its outputs: AdamW on a cosine schedule with
+    adapter dropout, states at steps 2 and 4, samples before the first step, TensorBoard asked for.
+    Returns (output folder, the arguments it ran with, what it printed)."""
+    import contextlib
+    import io
+
+    from urae.trainer import main
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    argv = train_argv(tiny_flux_dir, demo_data_dir, out, "--max_train_steps", "4", "--save_every_n_steps", "2",
+                      "--optimizer_type", "adamw", "--lr_scheduler", "cosine", "--learning_rate", "1e-2",
+                      "--network_args", "init=minor", "targets=urae", "dropout=0.1", "--log_with", "tensorboard",
+                      "--sample_at_first", "--sample_steps", "2")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return out, argv, printed.getvalue()

@@ -22,7 +22,7 @@ def test_benchmarks_quick_cpu(tmp_path):
     env = {**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}
     cmds = {
         "train": [sys.executable, "benchmarks/bench_train.py", "--quick"],
-        # through the lent-GPU script, as a dry run: --cpu keeps the tiny smoke mode even where a GPU is present
+        # through the GPU script, as a dry run: --cpu keeps the tiny smoke mode even where a GPU is present
         "infer": ["bash", "benchmarks/run_on_gpu.sh", "600", "--quick", "--cpu"],
     }
     # Both at once: most of each run is importing diffusers/transformers, which overlaps well.

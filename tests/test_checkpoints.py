@@ -58,7 +58,11 @@ def test_a_state_round_trips_adapter_optimizer_and_step(trained, tmp_path):
     state = load_optimizer_state(path, opt2, sched2)
     assert state == {"step": 7, "seed": 3}
     a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
-    assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(a[i][k], b[i][k]) for k in a[i]), i
+    assert sched2.state_dict() == sched.state_dict() and sched2.last_epoch == 1
 
 
 def test_incomplete_and_partial_states_are_never_resumed(trained, tmp_path):

@@ -128,7 +128,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         scan(DataOptions())
 
 
-def test_sd_scripts_dataset_toml(tmp_path, caplog):
+def test_sd_scripts_dataset_toml(tmp_path, caplog, monkeypatch):
     for d, n in (("set_a", 2), ("set_b", 1)):
         for i in range(n):
             p = write_image(tmp_path / d / f"{i}.png", 200, 100, i)
@@ -164,6 +164,7 @@ bucket_reso_steps = 32
   caption_extension = ".json"
   real_prompt_ratio = 0.2
 """)
+    monkeypatch.chdir(tmp_path)  # image_dir is relative to the current folder, as every path
     with caplog.at_level(logging.WARNING):
         res = scan(DataOptions(dataset_config=str(toml), resolution=2048))
     by_dir = {}
@@ -210,3 +211,17 @@ def test_exif_rotation_and_pixels(tmp_path):
     px, crop = bucket_pixels(res.path, res.bucket)
     assert px.shape == (3, 64, 32) and px.min() >= -1 and px.max() <= 1 and px.dtype.is_floating_point
     assert crop.original == (80, 160) and crop.resized == (32, 64)
+
+
+def test_dataset_config_paths_follow_the_one_rule_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """image_dir is relative to the folder the command runs in, like every other path; one that only exists
+    beside the TOML is an error that says so and gives the path to write."""
+    (tmp_path / "cfg" / "imgs").mkdir(parents=True)
+    write_image(tmp_path / "cfg" / "imgs" / "a.png", 64, 64).with_suffix(".txt").write_text("a")
+    toml = tmp_path / "cfg" / "data.toml"
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"relative to the current folder .* write .*cfg/imgs"):
+        scan(DataOptions(dataset_config=str(toml), resolution=64))
+    monkeypatch.chdir(tmp_path / "cfg")
+    assert [it.path.name for it in scan(DataOptions(dataset_config=str(toml), resolution=64)).items] == ["a.png"]

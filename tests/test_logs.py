@@ -74,7 +74,8 @@ runpy.run_path(script, run_name="__main__")
 
 def test_a_user_mistake_is_one_line_and_bitsandbytes_is_never_imported(tiny_flux_dir, tmp_path):
     """With the real installed packages: one line for a mistake, and bitsandbytes (whose import asks the hub for a
-    CPU kernel and warns twice when offline on AVX512-BF16 CPUs) is not imported even after diffusers is."""
+    CPU kernel and warns twice when offline on AVX512-BF16 CPUs) is not imported even after diffusers is, unless the
+    run chose the 8-bit optimizer."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     script = str(root / "flux_urae_train.py")
@@ -83,7 +84,8 @@ def test_a_user_mistake_is_one_line_and_bitsandbytes_is_never_imported(tiny_flux
     for mistake, line, imported in (
             (["--learning_rate_typo", "1"],
              "error: unknown option --learning_rate_typo (did you mean 'learning_rate'?)", ""),
-            (found_late, "error: network_args ['init=minr']: init='minr'", "diffusers")):
+            (found_late, "error: network_args ['init=minr']: init='minr'", "diffusers"),
+            ([*found_late, "--optimizer_type", "adamw8bit"], "error: network_args", "diffusers bitsandbytes")):
         record = tmp_path / "imported.txt"
         r = subprocess.run([sys.executable, "-c", _RUN_AND_RECORD, str(record), script, "--config",
                             str(root / "presets/demo.toml"), *mistake], env=env, cwd=root, timeout=300,
@@ -91,3 +93,14 @@ def test_a_user_mistake_is_one_line_and_bitsandbytes_is_never_imported(tiny_flux
         lines = [x for x in r.stdout.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), r.stdout
         assert record.read_text() == imported
+
+
+def test_a_bitsandbytes_model_folder_keeps_bitsandbytes(tmp_path):
+    from urae.optional_imports import quantised_with_bitsandbytes
+
+    (tmp_path / "transformer").mkdir()
+    config = tmp_path / "transformer" / "config.json"
+    config.write_text('{"_class_name": "FluxTransformer2DModel"}')
+    assert not quantised_with_bitsandbytes(str(tmp_path)) and not quantised_with_bitsandbytes("org/name")
+    config.write_text('{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true}}')
+    assert quantised_with_bitsandbytes(str(tmp_path))

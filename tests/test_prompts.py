@@ -67,3 +67,13 @@ def test_bad_jsonl_and_empty_files(tmp_path, text, want):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts(tmp_path / "nope.txt")
+
+
+def test_sample_prompts_help_names_every_flag_the_parser_reads():
+    from urae.inference import OPTIONS as INFER
+    from urae.prompts import FLAGS
+    from urae.train_options import OPTIONS as TRAIN
+
+    for opts, name in ((TRAIN, "sample_prompts"), (INFER, "prompts_file")):
+        text = next(o.help for o in opts if o.name == name)
+        assert all(f"--{k}" in text for k in FLAGS), (name, text)

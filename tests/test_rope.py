@@ -138,12 +138,12 @@ def _reference_step(model, x, method, dype, base_patches, proportional=False):
 @torch.no_grad()
 @pytest.mark.parametrize("proportional", [False, True])
 def test_one_step_equals_the_reference_transformer(tiny, proportional):
-    """Base 256 px (16 tokens per axis) so a 512 x 384 picture is past it on both axes, as 4K is past 1024."""
+    """Base 256 px (16 tokens per axis) so a 384 x 320 picture is past it on both axes, as 4K is past 1024."""
     from urae.runtime import HighResSettings, apply_highres
 
     for scheme, (method, dype) in REFERENCE.items():
-        for sigma in (1.0, 0.3):
-            x = _step_inputs(tiny, 512, 384, [sigma])
+        for sigma in ((1.0, 0.3) if dype else (0.3,)):
+            x = _step_inputs(tiny, 384, 320, [sigma])
             want = _reference_step(tiny, x, method, dype, 16, proportional)
             s = HighResSettings(rope=scheme, rope_base_resolution=256, proportional_attention=proportional,
                                 base_seq_len=64)
@@ -159,7 +159,7 @@ def test_one_step_equals_the_reference_transformer(tiny, proportional):
 def test_batch_of_noise_levels_gets_each_samples_tables(tiny):
     from urae.runtime import HighResSettings, apply_highres
 
-    x = _step_inputs(tiny, 512, 384, [0.9, 0.2])
+    x = _step_inputs(tiny, 384, 320, [0.9, 0.2])
     with apply_highres(tiny, HighResSettings(rope="dype-yarn", rope_base_resolution=256)):
         both = tiny(**x)[0]
         for b in range(2):
@@ -169,3 +169,18 @@ def test_batch_of_noise_levels_gets_each_samples_tables(tiny):
         # the planted bug "the first sample's time for the whole batch" is visible
         same = tiny(**{**x, "timestep": torch.tensor([0.9, 0.9])})[0]
         assert (same[1] - both[1]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("base", [2048, 4096])
+def test_every_urae_bucket_gets_its_own_axis_scales(base):
+    """Training's buckets (1:4 to 4:1) through the positions training builds (urae.flow.image_ids): the YaRN
+    scale of each axis follows that bucket's grid, as in the reference (the whole grid up to 2048 x 1024, then
+    one token per row and column, the same table values)."""
+    from urae.data.buckets import urae_buckets
+    from urae.flow import image_ids
+
+    for w, h in urae_buckets(base):
+        ids = image_ids(h // 8, w // 8) if w * h <= 2048 * 1024 else flux_ids(w, h, text=0)
+        ids = torch.cat([torch.zeros(2, 3), ids])
+        ours = rope_tables(ids, FLUX_AXES, "dype-yarn", 0.5)
+        assert _max_diff(ours, reference_tables(ids, "yarn", True, 0.5)) <= 1e-6, (w, h)

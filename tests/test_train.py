@@ -169,6 +169,8 @@ def test_two_processes_ddp_and_fsdp_equal_one_process_over_the_same_global_batch
         out = tmp_path / name
         r = _launch(flags, out, *args(tiny_flux_dir, data_dir, out, *sgd, "--sample_every_n_steps", "1", *memory))
         assert "on 2 process(es)" in r.stdout and "adapter identical on all 2 processes" in r.stdout
+        both = r.stdout + r.stderr  # per-process lines come from rank 0 only
+        assert both.count("minor_lora: init=minor") == 1 and both.count("transformer: ") == 1, both[-3000:]
         if name == "fsdp":  # each rank holds half of the base (its local shards), not all of it
             assert abs(_per_rank_bytes(r.stdout) - full / 2) <= 0.03 * full, (r.stdout[-2000:], full)
         else:
@@ -306,6 +308,9 @@ def test_presets_hold_the_recipes():
     assert p4["resolution"] == "4096" and "init=minor" in p4["network_args"]
     assert (p4["ntk_factor"], p4["proportional_attention"], p4["real_prompt_ratio"]) == (10.0, True, 0.2)
     assert p4["max_train_steps"] == 10000 and p4["base_lora"].endswith("urae_2k.safetensors")
+    from urae.adapters import looks_local
+
+    assert looks_local(p4["base_lora"])  # a missing 2K file is a local mistake, never a hub lookup
     assert demo["demo"] is True and "init=minor" in demo["network_args"]
 
 
@@ -356,6 +361,8 @@ def test_files_record_the_settings_to_generate_with():
     assert inference_settings({"resolution": "1024"}, stock) == stock
     four_k = HighResSettings(10.0, True)
     assert inference_settings({"resolution": "4096"}, four_k) is four_k
+    dype = HighResSettings(rope="dype-yarn")  # another scheme is what the file is for, at any size
+    assert inference_settings({"resolution": "2048"}, dype) is dype
 
 
 def _fails_fast(argv, capsys, match: str):
@@ -487,6 +494,9 @@ def test_impossible_memory_settings_are_refused_in_the_plan(tiny_flux_dir, data_
                 capsys, "at most 3")
     _fails_fast(args(tiny_flux_dir, data_dir, out, "--gradient_checkpointing", "false", "--offload_activations"),
                 capsys, "needs gradient_checkpointing")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "disk", "--checkpoint_segments", "2"),
+                capsys, "choose one")
+    _fails_fast(args(tiny_flux_dir, data_dir, out, "--offload_activations", "dsk"), capsys, "is not a valid bool")
 
 
 @pytest.mark.slow
@@ -498,9 +508,12 @@ def test_resume_with_other_memory_options_continues_the_same_run(tiny_flux_dir, 
     assert main(args(tiny_flux_dir, data_dir, full, *common)) == 0
     cut = tmp_path / "cut"
     assert main(args(tiny_flux_dir, data_dir, cut, *common, "--max_train_steps", "2", "--blocks_to_swap", "2",
-                     "--offload_activations")) == 0
-    assert "memory: blocks_to_swap = 2, offload_activations" in capsys.readouterr().out
-    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto")) == 0
+                     "--offload_activations", "disk", "--activation_dir", str(tmp_path / "act"))) == 0
+    assert "memory: blocks_to_swap = 2, offload_activations = disk" in capsys.readouterr().out
+    assert list((tmp_path / "act").iterdir()) == []  # the activation file is gone
+    rows = [json.loads(x) for x in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["memory"]["weight_loads"] == 2 * 2 - 1 and r["memory"]["disk_bytes"] > 0 for r in rows)
+    assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto", "--checkpoint_segments", "2")) == 0
     a, b = load_file(full / "urae_demo.safetensors"), load_file(cut / "urae_demo.safetensors")
     mid = load_file(full / "state-0000002" / "adapter.safetensors")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -656,3 +669,75 @@ def test_a_run_that_fails_before_saving_anything_does_not_block_the_next(tiny_fl
     (out / "train_config.toml").write_text("")
     (out / "train_log.jsonl").write_text('{"step": 1}\n')
     check_output_dir(out, resuming=False, overwrite=False, output_name="urae_demo")
+
+
+def test_training_under_dype_records_the_scheme_and_the_file_drives_it(tiny_flux_dir, data_dir, tmp_path, capsys):
+    """rope = dype-yarn (base 128 px: the 256 px demo images are past it, as 4K is past 1024): every sample of a
+    batch brings its own noise level to the tables, samples use the scheme, and the file's metadata makes it
+    the scheme of flux_urae_infer.py."""
+    from urae.inference import main as infer
+    from urae.outputs import read_png_info
+    from urae.runtime import SchemePosEmbed
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 256 --h 128 --s 2\n")
+    out = tmp_path / "d"
+    seen = []
+
+    def spy(module, inputs, output):
+        if isinstance(module, SchemePosEmbed) and torch.is_grad_enabled():
+            seen.append((list(module.sigmas), output[0].shape))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(spy)
+    try:
+        assert main(args(tiny_flux_dir, data_dir, out, "--max_train_steps", "2", "--sample_prompts", str(prompts),
+                         "--sample_every_n_steps", "2", "--rope", "dype-yarn", "--rope_base_resolution", "128")) == 0
+    finally:
+        handle.remove()
+    assert "rope dype-yarn (base 128, lambda 2)" in capsys.readouterr().out
+    assert len(seen) == 2 and all(len(s) == 2 and s[0] != s[1] and shape[0] == 2 for s, shape in seen), seen
+    assert json.loads(read_png_info(out / "samples" / "0000002_00.png")["runtime"])["rope"] == "dype-yarn"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "urae_demo.safetensors"), "pt") as f:
+        runtime = json.loads(f.metadata()["urae_runtime"])
+    assert runtime["rope"] == "dype-yarn" and runtime["rope_base_resolution"] == 128
+    imgs = tmp_path / "imgs"
+    assert infer(["--model", str(tiny_flux_dir), "--lora", str(out / "urae_demo.safetensors"), "--prompt", "x",
+                  "--width", "256", "--height", "128", "--steps", "1", "--output_dir", str(imgs)]) == 0
+    assert "position scheme: dype-yarn (base 128, lambda 2) (from the adapter's metadata)" in capsys.readouterr().out
+    assert json.loads((imgs / "images.jsonl").read_text())["runtime"]["rope"] == "dype-yarn"
+
+
+def test_a_wrong_rope_is_refused_before_anything_loads(tiny_flux_dir, data_dir, tmp_path, capsys):
+    _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--rope", "yarn", "--ntk_factor", "10"), capsys,
+                "ntk_factor 10 is for rope = ntk")
+
+
+def test_a_hub_model_that_cannot_be_reached_is_named_in_the_plan(data_dir, tmp_path, capsys, monkeypatch):
+    """No network (the hub endpoint, as HF_ENDPOINT would set it, refuses connections): one line naming the cause
+    from one request, not a minute of download retries ending in "does not appear to have a file named
+    model_index.json"."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    _fails_fast(args("black-forest-labs/FLUX.1-dev", data_dir, tmp_path / "o"), capsys,
+                "black-forest-labs/FLUX.1-dev is not downloaded yet and cannot be: the hub cannot be reached")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_local_base_lora_says_to_run_the_2k_stage_first(tiny_flux_dir, data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    from urae.adapters import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_local("out/urae_2k/urae_2k.safetensors")  # could be the hub repo out/urae_2k ...
+    (tmp_path / "out").mkdir()
+    assert looks_local("out/urae_2k/urae_2k.safetensors")  # ... but not beside a folder named out
+    assert looks_local("out\\urae_2k.safetensors") and looks_local("./a/b/c.safetensors")
+    for spec in ("out/urae_2k/urae_2k.safetensors", "./out/urae_2k/urae_2k.safetensors"):
+        _fails_fast(args(tiny_flux_dir, data_dir, tmp_path / "o", "--base_lora", spec), capsys,
+                    "no such file. The 4K recipe starts from the 2K stage's LoRA: run the 2K stage first")

@@ -31,3 +31,25 @@ def test_batches_are_checked_against_the_buckets_and_processes(tmp_path, caplog)
         _check_batches({"train_batch_size": 2}, found, world=8)
     _check_batches({"train_batch_size": 4}, found, world=1)
     assert "largest bucket holds 2 image(s)" in caplog.text
+
+
+def test_the_plan_prints_every_path_resolved_against_the_current_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from urae.data import DataOptions
+    from urae.data.datasets import scan
+    from urae.demo import write_demo_dataset
+    from urae.train_plan import RunPlan
+
+    write_demo_dataset(tmp_path / "d", n=2)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    monkeypatch.chdir(tmp_path)
+    found = scan(DataOptions(train_data_dir="d", resolution=256), log=False)
+    plan = RunPlan(Path("out"), None, None, found, "owner/model", None, 0)
+    cfg = {"transformer": None, "base_lora": "owner/repo/file.safetensors", "sample_prompts": "p.txt",
+           "dataset_config": None, "cache_dir": "c", "sample_every_n_steps": 10}
+    assert plan.paths(cfg) == (f"paths: data {tmp_path / 'd'}; model owner/model; base_lora owner/repo/file.safetensors; "
+                               f"sample_prompts {tmp_path / 'p.txt'}; cache_dir {tmp_path / 'c'}; "
+                               f"output {tmp_path / 'out'}")
+    cfg["sample_every_n_steps"] = 0  # samples off: the prompts file is not read, so not listed
+    assert "sample_prompts" not in plan.paths(cfg)

@@ -29,17 +29,26 @@ class HubFileError(AdapterError):
 _HUB_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^\s]+\.safetensors)$")
 
 
+def looks_local(text: str) -> bool:
+    """A LoRA name that is a local path, never looked up on the hub: it exists; starts with `.`, `/` or `~`; has a
+    Windows separator; or its first folder exists here (`out/urae_2k/urae_2k.safetensors` beside an `out` folder
+    is a missing local file, not the repository out/urae_2k)."""
+    local = Path(text).expanduser()
+    return (local.exists() or text.startswith((".", "/", "~")) or "\\" in text
+            or (len(local.parts) > 1 and Path(local.parts[0]).is_dir()))
+
+
 def resolve_lora_file(spec: str | os.PathLike) -> str:
     """A LoRA given by path or as a Hugging Face Hub file `owner/repo/file.safetensors` -> a local path.
 
-    An existing local file always wins; a path starting with `.`, `/` or `~` is never looked up on the hub.
+    An existing local file always wins; a path that `looks_local` is never looked up on the hub.
     Hub files are downloaded once into the usual huggingface_hub cache (HF_HOME, HF_HUB_CACHE) and found
     there offline. The trainer's `base_lora` goes through here too.
     """
     text = str(spec)
     local = Path(text).expanduser()
     m = _HUB_FILE.match(text)
-    if local.exists() or text.startswith((".", "/", "~")) or m is None:
+    if looks_local(text) or m is None:
         return str(local)  # a missing local file is reported by whoever reads it
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (

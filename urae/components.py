@@ -28,7 +28,9 @@ def _component_classes(location: str) -> dict[str, tuple[str, str]]:
     try:
         index = DiffusionPipeline.load_config(location)
     except Exception as e:  # OSError offline, ValueError for a broken model_index.json
-        raise ModelLoadError(f"could not read model_index.json of {location}: {e}") from e
+        hint = "" if os.path.exists(location) else ("\n-> a hub id: check the id, your network and your login "
+                                                    "(FLUX.1-dev is gated), or pass a local folder")
+        raise ModelLoadError(f"could not read model_index.json of {location}: {e}{hint}") from e
     return {k: tuple(v) for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[0]}
 
 

@@ -50,6 +50,9 @@ def _coerce(opt: Option, value, source: str, typed: bool = False):
         if t is bool:
             if not isinstance(value, (bool, str)):
                 raise ValueError
+            mode = _bool_choice(opt, value)  # a bool option with named modes besides true/false
+            if mode:
+                return mode
             return parse_bool(value)
         if t is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -74,7 +77,15 @@ def _coerce(opt: Option, value, source: str, typed: bool = False):
     raise TypeError(opt.type)
 
 
+def _bool_choice(opt: Option, value) -> str | None:
+    if opt.choices and isinstance(value, str) and value.strip().lower() in opt.choices:
+        return value.strip().lower()
+    return None
+
+
 def _check_choice(opt: Option, value, source: str):
+    if opt.type is bool and isinstance(value, bool):
+        return value
     if opt.choices is not None and value is not None and value not in opt.choices:
         raise ConfigError(f"{source}: {opt.name} = {value!r}; choose one of {', '.join(map(str, opt.choices))}")
     return value
@@ -142,7 +153,8 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
         kw: dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS, "help": option_help(o)}
         if o.type is bool:
             # `--flag`, `--flag true|false` and `--no-flag` / `--no_flag` all work (sd-scripts users type the first)
-            kw.update(nargs="?", const=True, type=_flag_value, metavar="true|false")
+            kw.update(nargs="?", const=True, type=str if o.choices else _flag_value,
+                      metavar="|".join(("true", "false", *(o.choices or ()))))
             ap.add_argument(f"--no-{o.name}", f"--no_{o.name}", dest=o.name, action="store_false",
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif o.type is list:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from urae import speed
 from urae.config import ConfigError, Option, check_ranges, format_table, resolve
-from urae.rope import SCHEMES
+from urae.rope import SCHEMES, TABLE_SCHEMES
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -57,6 +58,7 @@ OPTIONS = [
     Option("strength", float, 0.6, "how much the refine stage changes the draft/init image (0-1]"),
     Option("dtype", str, "auto", "weights dtype", choices=("auto", "bf16", "fp16", "fp32")),
     Option("device", str, None, "cuda, cuda:1, cpu (default: cuda if available)"),
+    *speed.OPTIONS,
 ]
 
 
@@ -174,6 +176,16 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
                                     "dype_lambda") if cfg.get(k) is not None}
     if cfg["dynamic_shift"]:
         explicit["dynamic_shift"] = True
+    settings = _runtime_settings(explicit, req, adapter_runtime)
+    if (cfg.get("context_parallel") or 1) > 1 and settings.rope in TABLE_SCHEMES:
+        # diffusers splits img_ids across the processes, and these schemes take each axis's scale from the
+        # largest position a process sees
+        raise ConfigError(f"--context_parallel with rope = {settings.rope}: each process would see only part of the "
+                          f"rows and scale them wrongly; use one process, or --rope ntk / none")
+    return settings
+
+
+def _runtime_settings(explicit: dict, req, adapter_runtime: dict | None) -> HighResSettings:
     try:
         if adapter_runtime:
             keep = ("ntk_factor", "proportional_attention", "base_seq_len", *ROPE_KEYS)
@@ -276,14 +288,16 @@ class Interrupted(Exception):
     """Ctrl-C: the message says how far the run got and what of it is kept."""
 
 
-def _report_ctrl_c(progress) -> None:
+def _report_ctrl_c(progress):
     """From now on Ctrl-C stops with `progress()` (how far the run got) instead of a traceback; every image is
-    written whole as soon as it is finished, so what is done is kept. `main` restores the handler."""
+    written whole as soon as it is finished, so what is done is kept. Returns the handler to put back (`run` does
+    when it finishes, `main` also after an error)."""
     def stop(signum, frame):
         raise Interrupted(progress())
 
     if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-        signal.signal(signal.SIGINT, stop)
+        return signal.signal(signal.SIGINT, stop)
+    return None
 
 
 def run(cfg: dict) -> list[Path]:
@@ -307,8 +321,8 @@ def run(cfg: dict) -> list[Path]:
     loras = [resolve_lora_file(p) for p in cfg["lora"]]
     metas = [check_adapter_file(p) for p in loras]
     adapter_runtime = next((r for r in map(runtime_from_metadata, metas) if r), None)
-    for req in requests:  # bad runtime settings (--shift -1, …) are found now, not after loading
-        runtime_settings(cfg, req, adapter_runtime)
+    # bad runtime settings (--shift -1, …) are found now, not after loading
+    proportional = any([runtime_settings(cfg, r, adapter_runtime).proportional_attention for r in requests])
     plan.append(rope_plan(runtime_settings(cfg, requests[0], adapter_runtime), cfg, adapter_runtime))
     out_dir = Path(cfg["output_dir"])
     if out_dir.exists() and not out_dir.is_dir():
@@ -328,22 +342,25 @@ def run(cfg: dict) -> list[Path]:
             raise ConfigError(f"--fp8: this device cannot store float8 weights ({why}); leave --fp8 off")
     device = torch.device(cfg["device"]) if cfg["device"] else default_device()
     dtype = parse_dtype(cfg["dtype"], device)
+    two = cfg["init_resolution"] is not None and requests[0].init_image is None
+    fast = speed.plan(cfg, requests, proportional, two)
+    speed.start(fast)
     # GPU figures mean nothing for a CPU run; after loading, the line below says what the model really takes
-    for line in [*plan, *([memory_plan(cfg, requests, dtype)] if device.type == "cuda" else [])]:
+    for line in [*plan, *([memory_plan(cfg, requests, dtype)] if device.type == "cuda" else []), *fast.lines]:
         print(line, flush=True)
 
     pipe = load_pipeline(cfg["model"], cfg["transformer"], dtype=dtype, device=None)
     networks = attach_adapters(pipe.transformer, loras, scales, fuse=cfg["fuse_lora"])
     before = module_bytes(pipe.transformer)
     fp8_linears = apply_fp8(pipe.transformer) if cfg["fp8"] else 0
-    placement = place_pipeline(pipe, cfg["offload"], cfg["device"])
+    placement = place_pipeline(pipe, fast.offload or cfg["offload"], fast.device or cfg["device"])
     print(loaded_line(cfg, pipe.transformer, before, fp8_linears, placement), flush=True)
     if not cfg["fuse_lora"]:  # attached adapters are not submodules of the transformer: move them along
         for net in networks:
             net.to(pipe._execution_device)
-    two = cfg["init_resolution"] is not None and requests[0].init_image is None
     total = sum(steps_for(r, pipe.transformer, two) for r in requests)
     first = fill_defaults(requests[0], pipe.transformer)
+    counter = speed.apply(pipe, fast, first.steps)
     s0 = runtime_settings(cfg, first, adapter_runtime).with_scheduler_shift(pipe.scheduler)
     print(f"generating {len(requests)} image(s), first {first.width}x{first.height}, {first.steps} steps, "
           f"guidance {first.guidance}{f', CFG {first.cfg_scale}' if first.cfg_scale > 1 else ''}, "
@@ -351,16 +368,19 @@ def run(cfg: dict) -> list[Path]:
           f"shift {'dynamic' if s0.dynamic_shift else s0.shift}, "
           f"{len(loras)} LoRA(s){' fused' if cfg['fuse_lora'] and loras else ''}, on {placement}"
           f"{', two-stage from ' + str(cfg['init_resolution']) if two else ''} -> {out_dir}", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if fast.writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
     first_index = next_index(out_dir)
     written = []
-    _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
+    on_ctrl_c = _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
         f"the {len(written)} finished are kept in {out_dir}" if written else "nothing was written"))
-    bar = tqdm(total=total, unit="step", desc="generating")
+    bar = tqdm(total=total, unit="step", desc="generating", disable=not fast.writes)
     for i, req in enumerate(requests):
         req = fill_defaults(req, pipe.transformer)
         settings = runtime_settings(cfg, req, adapter_runtime).with_scheduler_shift(pipe.scheduler)
         t0 = time.perf_counter()
+        if counter:
+            counter.start_image()
         if two:
             image = two_stage(pipe, req, cfg["init_resolution"], settings, on_step=lambda: bar.update(1),
                               split_vae=cfg["vae_tiling"])
@@ -375,13 +395,31 @@ def run(cfg: dict) -> list[Path]:
             "runtime": settings.to_dict(), "init_resolution": cfg["init_resolution"] if two else None,
             "strength": req.strength if (two or req.init_image is not None) else None,
             "seconds": round(time.perf_counter() - t0, 2),
+            **speed_record(fast, counter),
         }
+        if not fast.writes:
+            continue
         path = save_png(image, out_dir, image_stem(first_index + i, req.seed, req.width, req.height), info)
         append_jsonl(out_dir / "images.jsonl", {"file": path.name, **info})
         written.append(path)
     bar.close()
+    if on_ctrl_c is not None:
+        signal.signal(signal.SIGINT, on_ctrl_c)
+    speed.finish(fast)
     print(f"wrote {len(written)} image(s) to {out_dir}")
     return written
+
+
+def speed_record(fast, counter) -> dict:
+    """The speed options an image was made with; a cached image says it is approximate and how many passes the
+    cache answered."""
+    rec = fast.record()
+    if not rec:
+        return {}
+    if counter:
+        rec["cached_passes"] = f"{counter.reused} of {counter.passes}"
+        return {"approximate": fast.label(), "speed": rec}
+    return {"speed": rec}
 
 
 def main(argv=None) -> int:
@@ -390,11 +428,14 @@ def main(argv=None) -> int:
     from urae.adapters import AdapterError
     from urae.loading import ModelLoadError
     from urae.logs import setup_logging
+    from urae.optional_imports import defer_bitsandbytes, quantised_with_bitsandbytes
 
     setup_logging()
     on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         cfg = parse(argv)
+        if not quantised_with_bitsandbytes(cfg["model"]):  # before diffusers imports it (urae.optional_imports)
+            defer_bitsandbytes()
         print("settings:\n" + format_table(cfg, only_changed=True))
         run(cfg)
     except (ConfigError, ModelLoadError, AdapterError) as e:

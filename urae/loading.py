@@ -188,3 +188,24 @@ def load_pipeline(model: str, transformer_file: str | None = None, dtype=None, d
         log.info(_describe(name, transformer_file if name == "transformer" and transformer_file
                            else f"{location}/{name}", getattr(pipe, name)))
     return pipe
+
+
+def hub_problem(repo_id: str) -> str | None:
+    """Why a hub pipeline cannot be downloaded, from one request without retries (the downloads' own retries take
+    over a minute to end in "does not appear to have a file named model_index.json"); None when it can."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "model_index.json"), timeout=10)
+    except GatedRepoError:
+        return f"{repo_id} is gated: accept its terms on huggingface.co and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        return f"there is no repository {repo_id} (or it is private: log in with `hf auth login`)"
+    except EntryNotFoundError:
+        return f"{repo_id} has no model_index.json: it is not a diffusers pipeline"
+    except HfHubHTTPError as e:
+        return f"the hub answered {e}"
+    except Exception as e:  # the HTTP client's connection and timeout errors: no network, proxy, DNS
+        return f"the hub cannot be reached ({type(e).__name__}: {e}): no network, or a proxy or firewall in the way"
+    return None

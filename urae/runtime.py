@@ -2,8 +2,9 @@
 
 One place turns a stock diffusers FLUX transformer (or pipeline) into the URAE runtime, for training,
 sampling and inference alike. Every change is undone on exit (diffusers' attention dispatch function is
-replaced only while a block with proportional attention is open), and with the settings off the model is
-bit-identical to stock diffusers (the original RoPE theta and processor objects are put back).
+replaced only while a block with proportional attention is open; the attention modules keep two inert
+hooks), and with the settings off the model is bit-identical to stock diffusers (the original RoPE theta
+and processor objects are put back).
 
     settings = HighResSettings(ntk_factor=10, proportional_attention=True)
     with apply_highres(pipe, settings):
@@ -13,6 +14,7 @@ bit-identical to stock diffusers (the original RoPE theta and processor objects 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from contextlib import ExitStack, contextmanager
@@ -136,28 +138,47 @@ def _attention_modules(transformer):
     return [m for m in transformer.modules() if isinstance(m, FluxAttention)]
 
 
+def _context_parallel_degree(module) -> int:
+    """How many ranks share one sequence under diffusers' context parallelism (1 without it): each rank's
+    attention module sees an equal shard of the tokens, but the softmax scale is for the whole sequence."""
+    pc = getattr(getattr(module, "processor", None), "_parallel_config", None)
+    cp = getattr(pc, "context_parallel_config", None)
+    return cp.ring_degree * cp.ulysses_degree if cp is not None else 1
+
+
+def _proportional_pre(module, args, kwargs):
+    base = module._urae_base_seq_len
+    if base is None:  # installed earlier, not inside an apply_highres block now
+        return
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    seq = (hs.shape[1] + (ehs.shape[1] if ehs is not None else 0)) * _context_parallel_degree(module)
+    _scale_stack.append(attention_scale(seq, module.head_dim, base))
+
+
+def _proportional_post(module, args, kwargs, output):
+    if module._urae_base_seq_len is not None:
+        _scale_stack.pop()
+
+
 def _add_proportional_hooks(transformer, base_seq_len: int) -> list:
-    """Hooks on every FLUX attention module that set the softmax scale for the length of each call.
+    """Turn on, on every FLUX attention module, the hooks that set the softmax scale for the length of each call.
 
     The processors stay the installed diffusers' own (IP-adapter and backend settings included); the scale
     reaches the attention kernel through `dispatch_attention_fn` (see `_scaled_dispatch`), so every backend
-    (SDPA, flash, …) honours it.
+    (SDPA, flash, …) that takes a `scale` honours it. The hooks are registered once per module and stay, inert
+    outside a block: the same hook functions at every call let a `torch.compile`d block be reused from one image
+    to the next instead of being traced again. Returns (module, previous setting) pairs to put back on exit.
     """
-
-    def pre(module, args, kwargs):
-        hs = kwargs.get("hidden_states", args[0] if args else None)
-        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        seq = hs.shape[1] + (ehs.shape[1] if ehs is not None else 0)
-        _scale_stack.append(attention_scale(seq, module.head_dim, base_seq_len))
-
-    def post(module, args, kwargs, output):
-        _scale_stack.pop()
-
-    handles = []
+    before = []
     for m in _attention_modules(transformer):
-        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
-    return handles
+        if not hasattr(m, "_urae_base_seq_len"):
+            m.register_forward_pre_hook(_proportional_pre, with_kwargs=True)
+            m.register_forward_hook(_proportional_post, with_kwargs=True, always_call=True)
+            m._urae_base_seq_len = None
+        before.append((m, m._urae_base_seq_len))
+        m._urae_base_seq_len = base_seq_len
+    return before
 
 
 # Softmax scales of the attention calls in progress (innermost last); empty outside them.
@@ -167,6 +188,7 @@ _patch_lock = threading.Lock()
 _patches: dict[str, list] = {}
 
 
+@functools.cache  # one wrapper per original: a compiled block's guard on it keeps holding
 def _with_active_scale(original):
     def dispatch_attention_fn(*args, **kwargs):
         if _scale_stack and kwargs.get("scale") is None:
@@ -176,6 +198,7 @@ def _with_active_scale(original):
     return dispatch_attention_fn
 
 
+@functools.cache  # as _with_active_scale
 def _with_per_sample_tables(original):
     """diffusers' `apply_rotary_emb`, which broadcasts one [S, D] table over the batch, extended to [B, S, D]
     tables (one per sample: DyPE in a batch of several noise levels). Two-dimensional tables go to diffusers'."""
@@ -271,6 +294,7 @@ def apply_highres(model, settings: HighResSettings | dict | None = None):
     transformer = _transformer_of(model)
     old_pos, old_theta = transformer.pos_embed, transformer.pos_embed.theta
     hooks: list = []
+    scaled: list = []
     scheduler = getattr(model, "scheduler", None)
     with ExitStack() as stack:
         try:
@@ -283,7 +307,7 @@ def apply_highres(model, settings: HighResSettings | dict | None = None):
                     stack.enter_context(_patched_flux_function("apply_rotary_emb", _with_per_sample_tables))
             if settings.proportional_attention:
                 stack.enter_context(_scaled_dispatch())
-                hooks += _add_proportional_hooks(transformer, settings.base_seq_len)
+                scaled = _add_proportional_hooks(transformer, settings.base_seq_len)
             if scheduler is not None:
                 model.scheduler = shifted_scheduler(scheduler, settings)
             yield model
@@ -292,6 +316,8 @@ def apply_highres(model, settings: HighResSettings | dict | None = None):
             old_pos.theta = old_theta
             for h in hooks:
                 h.remove()
+            for m, previous in reversed(scaled):
+                m._urae_base_seq_len = previous
             if scheduler is not None:
                 model.scheduler = scheduler
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urae.config import ConfigError, Option, check_ranges
 from urae.flow import TIMESTEP_SAMPLING, TRAIN_GUIDANCE
 from urae.optim import OPTIMIZERS, SCHEDULERS
+from urae.rope import SCHEMES
 
 DATA_KEYS = ("train_data_dir", "dataset_config", "caption_extension", "real_prompt_ratio", "resolution",
              "bucket_mode", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
@@ -70,11 +71,17 @@ OPTIONS = [
     Option("allow_quantised_svd", bool, False, "init=minor/major on a transformer file stored in float8/int8: take "
            "the SVD of the rounded weights anyway (lossy; the plan says by how much). Better: network_args "
            "svd_weights=<a full-precision file>"),
-    Option("base_lora", str, None, "LoRA fused into W before the minor SVD (the 4K recipe starts from the 2K one); "
-           "a path or a hub file owner/repo/file.safetensors"),
+    Option("base_lora", str, None, "LoRA to train on top of (the 4K recipe starts from the 2K one): the minor SVD is "
+           "taken of W + its change, which is applied frozen in every forward (W itself is not modified) and saved "
+           "in the final file with the trained change; a path or a hub file owner/repo/file.safetensors"),
     # high-res runtime
     Option("ntk_factor", float, 1.0, "RoPE theta = 10000 x ntk_factor"),
     Option("proportional_attention", bool, False, "softmax scale sqrt(log N / log 4608) / sqrt(d)"),
+    Option("rope", str, "ntk", "position scheme in training and in the file's metadata: ntk (URAE's, theta x "
+           "ntk_factor), yarn, dype-yarn, dype-ntk (DyPE: patent pending for commercial use), none; "
+           "see docs/runtime.md", choices=SCHEMES),
+    Option("rope_base_resolution", int, 1024, "yarn/dype: the size the base model was trained at"),
+    Option("dype_lambda", float, 2.0, "dype: strength sigma^lambda of each sample's noise level"),
     # objective
     Option("guidance_scale", float, TRAIN_GUIDANCE, "guidance embedding in training: must be 1 for FLUX.1-dev"),
     Option("allow_training_guidance", bool, False, "expert override: train with guidance_scale != 1"),
@@ -105,7 +112,8 @@ OPTIONS = [
            "details (sd-scripts' no_metadata)"),
     Option("resume", str, None, "'auto' (newest state in output_dir) or a state folder"),
     Option("overwrite", bool, False, "allow output_dir to hold another run's files"),
-    Option("sample_prompts", str, None, "prompts file for samples (sd-scripts --w/--h/--d/--s/--g flags allowed)"),
+    Option("sample_prompts", str, None, "prompts file for samples, one per line with sd-scripts' flags: --w/--h size, "
+           "--d seed, --s steps, --g embedded guidance, --l CFG scale (> 1: true CFG), --n negative prompt"),
     Option("sample_every_n_steps", int, None, "make samples every N steps"),
     Option("sample_at_first", bool, False, "also make samples before training"),
     Option("sample_resolution", str, None, "sample size 'W,H' (default: the base resolution)"),
@@ -125,15 +133,21 @@ OPTIONS = [
            "(lossless; needs gradient_checkpointing)"),
     Option("fp8_base", bool, None, "store the frozen base weights as float8 e4m3, upcast per layer (lossy: see the "
            "README's fp8 note)"),
-    Option("offload_activations", bool, None, "checkpointed block inputs wait in host memory for backward (lossless)"),
-    Option("host_memory_budget", float, None, "memory = auto: GiB of pinned host RAM one process may use for swapped "
-           "blocks and offloaded inputs (default: 70% of the machine's RAM shared by its processes)"),
+    Option("offload_activations", bool, None, "checkpointed block inputs wait in pinned host memory for backward "
+           "(true), or in a file (disk: hundreds of TB written over a 4096² run, see the README); lossless",
+           choices=("disk",)),
+    Option("checkpoint_segments", int, None, "two-level checkpointing: keep one block input in k and rebuild the "
+           "others in backward (about one extra forward per step; lossless)"),
+    Option("activation_dir", str, None, "offload_activations = disk: the folder of its file, removed on exit "
+           "(default: the cache folder, else the output folder)"),
+    Option("host_memory_budget", float, None, "memory = auto: GiB of pinned host RAM one process may use for the "
+           "staging buffers and offloaded inputs (default: 70% of the machine's RAM shared by its processes)"),
 ]
 
 
 # Every numeric key's range, checked before anything runs: key -> (lowest, lowest allowed, highest or None).
 RANGES = {
-    **{k: (0, False, None) for k in ("learning_rate", "network_alpha", "ntk_factor", "sigmoid_scale",
+    **{k: (0, False, None) for k in ("learning_rate", "network_alpha", "ntk_factor", "sigmoid_scale", "dype_lambda",
                                      "discrete_flow_shift", "host_memory_budget")},
     **{k: (1, True, None) for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                                     "network_dim", "t5_max_length", "sample_steps")},
@@ -153,6 +167,7 @@ def check(cfg: dict) -> None:
             f"with the guidance embedding fixed at 1 (paper §3.4); use 3.5 only at inference. Set "
             f"allow_training_guidance = true to override (expert use).")
     check_ranges(cfg, RANGES)
+    runtime_settings(cfg)
     if not cfg["train_data_dir"] and not cfg["dataset_config"]:
         raise ConfigError("no training data: set train_data_dir (a folder) or dataset_config (an sd-scripts TOML)")
     if (cfg["sample_every_n_steps"] or cfg["sample_at_first"]) and not cfg["sample_prompts"]:
@@ -165,6 +180,18 @@ def check(cfg: dict) -> None:
     from urae.eval import validation
 
     validation.check(cfg)
+
+
+def runtime_settings(cfg: dict):
+    """The high-res runtime a run trains (and samples) under."""
+    from urae.runtime import HighResSettings
+
+    try:
+        return HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"],
+                               rope=cfg["rope"], rope_base_resolution=cfg["rope_base_resolution"],
+                               dype_lambda=cfg["dype_lambda"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_sample_prompts(cfg: dict) -> None:

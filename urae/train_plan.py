@@ -7,6 +7,7 @@ cannot take, a full disk) is reported here, before any model loads or any cache 
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,21 @@ class RunPlan:
                 + (f"; resuming {self.resume_path}" if self.resume_path else ""))
 
 
+    def paths(self, cfg: dict) -> str:
+        """Every path of the run as it resolved (relative ones against the current folder: one rule)."""
+        dirs = sorted({str(it.subset.image_dir) for it in self.scan.items})
+        model = Path(self.model_location)
+        items = [("data", ", ".join(dirs)), ("model", model.resolve() if model.exists() else self.model_location)]
+        for key in ("transformer", "base_lora", "sample_prompts", "dataset_config", "cache_dir"):
+            if key == "sample_prompts" and not (cfg.get("sample_every_n_steps") or cfg.get("sample_at_first")):
+                continue  # not read when no samples are drawn
+            p = Path(cfg[key]).expanduser() if cfg.get(key) else None
+            if p is not None:  # a hub file (owner/repo/file) stays as written
+                items.append((key, p.resolve() if p.exists() or key == "cache_dir" else cfg[key]))
+        items.append(("output", self.out_dir.resolve()))
+        return "paths: " + "; ".join(f"{k} {v}" for k, v in items)
+
+
 def _rank_words(cfg: dict) -> str:
     init = _network_arg(cfg, "init", "minor")
     r = cfg["network_dim"]
@@ -61,7 +77,10 @@ def transformer_config(model_location: str) -> dict | None:
     from diffusers import FluxTransformer2DModel
 
     try:
-        return dict(FluxTransformer2DModel.load_config(model_location, subfolder="transformer", local_files_only=True))
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not the user's
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(FluxTransformer2DModel.load_config(model_location, subfolder="transformer",
+                                                           local_files_only=True))
     except Exception:  # OSError for a missing file, assorted errors for a broken one
         return None
 
@@ -151,7 +170,7 @@ def _check_quantised(cfg: dict, location: str, is_main: bool) -> None:
         full = str(folder) if folder.is_dir() else "<a bf16/fp32 transformer file or folder>"
         raise ConfigError(
             f"transformer: {name} stores {describe(found)}, and init={init} would take its singular components from "
-            f"the rounded weights (the rounding is larger than the minor components): pass network_args "
+            f"the rounded weights (float8 rounding can exceed the minor components): pass network_args "
             f"svd_weights={full} (the SVD reads W there; training still uses {name}), or unset transformer to train "
             f"on {location} itself, or set allow_quantised_svd = true to go on with the rounded weights")
     if is_main:
@@ -256,6 +275,16 @@ def _check_batches(cfg: dict, found, world: int) -> None:
             f"batches never mix buckets, so each batch repeats images")
 
 
+def _check_base_lora(spec: str) -> None:
+    from urae.adapters import looks_local
+
+    path = Path(spec).expanduser()
+    if looks_local(spec) and not path.is_file():
+        raise ConfigError(f"base_lora: {path}: no such file. The 4K recipe starts from the 2K stage's LoRA: run the "
+                          f"2K stage first (python flux_urae_train.py --config presets/2k.toml writes "
+                          f"out/urae_2k/urae_2k.safetensors), or set base_lora to your 2K file")
+
+
 def check_free_space(out_dir: Path, state_bytes: int) -> None:
     """A run that cannot save even one state and its adapter is refused now, not at its first save."""
     free = shutil.disk_usage(_existing_parent(out_dir)).free
@@ -279,10 +308,18 @@ def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     _check_captions(cfg, found)
     _check_batches(cfg, found, world)
     if cfg["base_lora"]:
+        _check_base_lora(cfg["base_lora"])
         check_adapter_file(cfg["base_lora"])
     location = _check_model(cfg)
     _check_quantised(cfg, location, is_main)
     model_config = transformer_config(location)
+    if model_config is None and not Path(location).exists():  # a hub id not downloaded yet: can it be?
+        from urae.loading import hub_problem
+
+        why = hub_problem(location)
+        if why:
+            raise ConfigError(f"pretrained_model_name_or_path: {location} is not downloaded yet and cannot be: {why}. "
+                              f"Check the network and your login (FLUX.1-dev is gated), or pass a local folder")
     if cfg["base_lora"]:  # another architecture or width, before the transformer loads
         from urae.adapters import check_adapter_fits, resolve_lora_file
 

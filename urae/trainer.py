@@ -49,10 +49,11 @@ from urae.common import DTYPES, dtype_from_name, human_bytes, human_count
 from urae.config import ConfigError, resolve, to_toml
 from urae.flow import flow_loss, sample_timesteps
 from urae.io import atomic_path
+from urae.optional_imports import defer_bitsandbytes
 from urae.runtime import HighResSettings, apply_highres
 from urae.sharding import fsdp_requested, shard_base, sharded_bytes_per_rank
 from urae.train_memory import resolve_memory
-from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs
+from urae.train_options import OPTIONS, SD_SCRIPTS_FLAGS, check, network_kwargs, runtime_settings
 from urae.train_plan import RunPlan, make_plan
 from urae.train_sync import (
     BatchStream,
@@ -149,7 +150,7 @@ def inference_settings(cfg, training: HighResSettings) -> HighResSettings:
     """What a file should be generated with: the training runtime when it was changed (the 4K recipe), else
     URAE's defaults at the trained size (the 2K recipe trains with stock RoPE but generates with NTK 10 and
     proportional attention, as the public URAE inference does)."""
-    if training.ntk_factor != 1 or training.proportional_attention:
+    if training.ntk_factor != 1 or training.proportional_attention or training.rope != "ntk":
         return training
     w, h = _parse_size(cfg["resolution"])
     return HighResSettings.for_resolution(w, h)
@@ -169,7 +170,7 @@ def _base_lora_record(spec: str) -> dict:
 def _adapter_metadata(cfg, step: int) -> dict:
     recipe = {k: cfg[k] for k in ("network_dim", "network_alpha", "network_args", "resolution",
                                   "real_prompt_ratio", "timestep_sampling", "optimizer_type", "learning_rate",
-                                  "ntk_factor", "proportional_attention",
+                                  "ntk_factor", "proportional_attention", "rope",
                                   "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "seed")}
     if cfg["base_lora"]:
         recipe["base_lora"] = _base_lora_record(cfg["base_lora"])
@@ -236,7 +237,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
     # every rank checks before any rank writes, so a slow rank never mistakes this run's files for another's
     plan = make_plan(cfg, is_main=main, world=accelerator.num_processes)
     plan.memory = resolve_memory(cfg, accelerator.device, plan.model_config, fsdp_requested(accelerator),
-                                 accelerator.num_processes)
+                                 accelerator.num_processes, plan.model_location)
     accelerator.wait_for_everyone()
     if main:
         if cfg["guidance_scale"] != 1.0:
@@ -245,6 +246,7 @@ def plan_stage(cfg, accelerator) -> RunPlan:
         plan.out_dir.mkdir(parents=True, exist_ok=True)
         print(config_line(cfg, plan.out_dir), flush=True)
         print(plan.summary(cfg, accelerator.num_processes), flush=True)
+        print(plan.paths(cfg), flush=True)
         print(plan.memory.summary(), flush=True)
         if plan.resume_path is None and (cfg["overwrite"] or not run_started(plan.out_dir, cfg["output_name"])):
             clear_run(plan.out_dir, cfg["output_name"])  # also the marker and log of a run that never saved
@@ -320,6 +322,7 @@ class Model:
     trainable: list
     settings: HighResSettings
     fsdp: bool = False  # the base is sharded: every rank must run every forward (samples included)
+    memory: object = None  # urae.memory.MemoryHandle when memory options are active (transfer statistics)
 
 
 def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
@@ -330,12 +333,14 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
         transformer.to(device)
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
-    settings = HighResSettings(ntk_factor=cfg["ntk_factor"], proportional_attention=cfg["proportional_attention"])
+    settings = runtime_settings(cfg)
     module = importlib.import_module(cfg["network_module"])
     kwargs = network_kwargs(cfg)
     known = getattr(module, "KNOWN_ARGS", None)  # the plan stage already warned about the others
     kwargs = {k: v for k, v in kwargs.items() if known is None or k in known}
     kwargs.setdefault("runtime", json.dumps(inference_settings(cfg, settings).to_dict()))
+    if not accelerator.is_main_process and (known is None or "verbose" in known):
+        kwargs["verbose"] = "False"  # its summary line and SVD bar once, from rank 0
     try:  # the plan checked these on the tiny model; the real one can still differ (a base LoRA, odd targets)
         with init_rng(cfg["seed"]):
             network = module.create_network(1.0, cfg["network_dim"], cfg["network_alpha"], None, [], transformer,
@@ -354,12 +359,14 @@ def model_stage(cfg, plan: RunPlan, transformer, accelerator) -> Model:
         if accelerator.is_main_process:
             print(f"FSDP: the frozen base is split over {accelerator.num_processes} processes, "
                   f"{human_bytes(sharded_bytes_per_rank(transformer))} of weights each", flush=True)
+    handle = None
     if plan.memory.active:  # after the SVD: the minor components come from the full-precision weights
         from urae.memory import setup_memory
 
-        setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"])
+        handle = setup_memory(transformer, plan.memory.options, device, cfg["gradient_checkpointing"],
+                              disk_dir=plan.memory.disk_dir)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    return Model(transformer, network, trainable, settings, fsdp)
+    return Model(transformer, network, trainable, settings, fsdp, handle)
 
 
 def _optimizer(cfg, network):
@@ -459,9 +466,9 @@ def make_samples(cfg, parts, prompts, step: int, out_dir: Path, network, setting
     finally:
         network.train(was_training)
         vae.to("cpu")
-    if main and paths:
-        print(f"{folder} of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
-              f"{out_dir / folder}", flush=True)
+    if main and paths:  # above the training bar, not glued onto it
+        tqdm.write(f"{folder} of step {step}: {len(paths) * world if world > 1 else len(paths)} image(s) in "
+                   f"{out_dir / folder}")
     return paths
 
 
@@ -487,6 +494,13 @@ def train_step(cfg, model: Model, stream: BatchStream, step: int, accelerator) -
     return total
 
 
+def _transfer_stats(handle) -> dict:
+    """This step's host <-> device and disk traffic of the memory options (empty when none is active)."""
+    if handle is None:
+        return {}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in handle.step_stats().items()}
+
+
 def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler, accelerator, tb: bool) -> int:
     from tqdm.auto import tqdm
 
@@ -510,7 +524,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
     if main:
         print(f"training {cfg['max_train_steps'] - start} step(s) (from {start}) on {world} process(es), "
               f"{len(caches.entries)} image(s), {human_count(sum(p.numel() for p in trainable))} trainable parameters, "
-              f"ntk {settings.ntk_factor}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
+              f"rope {settings.describe_rope()}, proportional attention {'on' if settings.proportional_attention else 'off'}, "
               f"guidance {cfg['guidance_scale']}, {'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision} "
               f"on {device}", flush=True)
     if tb:
@@ -562,6 +576,7 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             validate(0)
         for step in range(start, cfg["max_train_steps"]):
             if any_rank(interrupt.set, device, world):
+                bar.close()  # the lines below start on their own line
                 saver.state(step)
                 if main:
                     print(f"stopped at step {step}; state saved to {saver.last_good}\nresume with the same command "
@@ -587,13 +602,15 @@ def loop_stage(cfg, plan: RunPlan, model: Model, caches, prompts, vae, scheduler
             done = step + 1
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
             lr, dt = step_size(optimizer), time.perf_counter() - t0
+            moved = _transfer_stats(model.memory)
             if main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3g}" for k, v in lr.items()}, s_step=f"{dt:.2f}")
                 with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, **lr, "seconds": round(dt, 4)}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss, **lr, "seconds": round(dt, 4),
+                                        **({"memory": moved} if moved else {})}) + "\n")
                 if tb:
-                    accelerator.log({"loss": loss, **lr}, step=done)
+                    accelerator.log({"loss": loss, **lr, **{f"memory/{k}": v for k, v in moved.items()}}, step=done)
             if cfg["save_every_n_steps"] and done % cfg["save_every_n_steps"] == 0 and done < cfg["max_train_steps"]:
                 saver.state(done)
                 accelerator.wait_for_everyone()
@@ -639,6 +656,8 @@ def train(cfg: dict) -> int:
 def _train(cfg: dict) -> int:
     tb = _tensorboard(cfg)
     accelerator = _make_accelerator(cfg, Path(cfg["output_dir"]), tb)
+    if not accelerator.is_main_process:  # each info line once, from rank 0; warnings and errors still show
+        logging.getLogger("urae").setLevel(logging.WARNING)
     with _on_ctrl_c("during the checks; nothing was written"):
         plan = plan_stage(cfg, accelerator)
     weight_dtype = dtype_from_name(accelerator.mixed_precision)
@@ -674,7 +693,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return train(parse(argv))
+        cfg = parse(argv)
+        if cfg["optimizer_type"] != "adamw8bit":  # before diffusers imports it (see urae.optional_imports)
+            defer_bitsandbytes()
+        return train(cfg)
     except _user_errors() as e:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same mistake; one says so
             print(f"error: {e}", file=sys.stderr, flush=True)

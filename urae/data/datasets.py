@@ -153,11 +153,12 @@ def subsets_from_toml(path: str | os.PathLike, options: DataOptions) -> list[Sub
             if "image_dir" not in merged:
                 raise ValueError(f"{path}: datasets[{di}].subsets[{si}] has no image_dir "
                                  "(metadata_file-only fine-tuning subsets are not supported)")
-            image_dir = Path(merged["image_dir"])
-            if not image_dir.is_dir() and (path.parent / image_dir).is_dir():
-                image_dir = path.parent / image_dir  # relative to the TOML when not to the cwd
+            image_dir = Path(merged["image_dir"]).expanduser()  # one rule for every path: relative to the cwd
             if not image_dir.is_dir():
-                raise FileNotFoundError(f"{path}: image_dir {merged['image_dir']} is not a folder")
+                beside = path.parent / image_dir
+                hint = (f"; relative paths are relative to the current folder ({Path.cwd()}), not to the TOML: "
+                        f"write {beside.resolve()}" if not image_dir.is_absolute() and beside.is_dir() else "")
+                raise FileNotFoundError(f"{path}: image_dir {merged['image_dir']} is not a folder{hint}")
             ext = merged.get("caption_extension", options.caption_extension)
             if ext is not None and not ext.startswith("."):
                 ext = "." + ext

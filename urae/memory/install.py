@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 
 from urae.memory.activations import BlockCheckpoint
@@ -30,8 +32,17 @@ class MemoryHandle:
     def stats(self) -> TransferStats:
         return self.mover.stats
 
+    def step_stats(self) -> dict:
+        """Transfers since the last call: bytes, loads, replays and the waits (the trainer logs them per step)."""
+        return self.mover.step()
+
+    def pinned_bytes(self) -> int:
+        """Pinned host memory held now (exact: urae.memory.pinned)."""
+        return (self.swap.pinned_bytes if self.swap else 0) + (self.checkpoint.pinned_bytes if self.checkpoint else 0)
+
     def remove(self) -> None:
         if self.checkpoint is not None:
+            self.checkpoint.close()
             for m, (enabled, func) in self._old_checkpointing.items():
                 m.gradient_checkpointing = enabled
                 if func is None:
@@ -53,12 +64,15 @@ def _to(module, device: torch.device) -> None:
         module.to(device)
 
 
-def setup_memory(transformer, options: MemoryOptions, device, gradient_checkpointing: bool = True) -> MemoryHandle:
-    """Put the resident weights on `device`, swapped blocks in (pinned) host memory, quantise, install hooks.
+def setup_memory(transformer, options: MemoryOptions, device, gradient_checkpointing: bool = True,
+                 disk_dir=None, source=None) -> MemoryHandle:
+    """Put the resident weights on `device`, swapped blocks in host memory, quantise, install hooks.
 
     Call after the adapter is attached and its minor components were computed from the full-precision
-    weights. `gradient_checkpointing` says whether the run trains with it (the trainer's flag): block swap
-    and activation offload replace diffusers' checkpoint function with theirs and need it.
+    weights. `gradient_checkpointing` says whether the run trains with it (the trainer's flag): block swap,
+    activation offload and checkpoint segments replace diffusers' checkpoint function with theirs and need it.
+    `disk_dir`: the folder of offload_activations = "disk" (default: the system's temporary folder).
+    `source(tensor)`: where a swapped weight's host copy already is (default: the memory-mapped file's pages).
     """
     device = torch.device(device)
     check_memory_options(options, transformer, device, gradient_checkpointing)
@@ -77,11 +91,13 @@ def setup_memory(transformer, options: MemoryOptions, device, gradient_checkpoin
         if id(b) not in swapped_ids:
             _to(b, device)
     if swapped:
-        handle.swap = BlockSwap(blocks, options.blocks_to_swap, mover)
-    if options.blocks_to_swap or options.offload_activations:
+        handle.swap = BlockSwap(blocks, options.blocks_to_swap, mover, source)
+    if options.blocks_to_swap or options.offload_activations or options.checkpoint_segments > 1:
         modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         handle._old_checkpointing = {m: (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
                                      for m in modules}
-        handle.checkpoint = BlockCheckpoint(mover, options.offload_activations, handle.swap, blocks[0])
+        handle.checkpoint = BlockCheckpoint(mover, options.offload_activations, handle.swap, blocks[0],
+                                            options.checkpoint_segments,
+                                            disk_dir if disk_dir is not None else tempfile.gettempdir())
         transformer.enable_gradient_checkpointing(gradient_checkpointing_func=handle.checkpoint)
     return handle

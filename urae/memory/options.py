@@ -15,7 +15,8 @@ class MemoryConfigError(ValueError):
 class MemoryOptions:
     blocks_to_swap: int = 0  # the last N blocks (in execution order) live in host memory, copied in before they run
     fp8_base: bool = False  # frozen Linear weights of the blocks stored as float8_e4m3fn, upcast per layer
-    offload_activations: bool = False  # checkpointed block inputs wait in host memory for backward
+    offload_activations: bool | str = False  # checkpointed block inputs wait in pinned host memory, or "disk"
+    checkpoint_segments: int = 1  # k > 1: keep one block input in k, rebuild the others in backward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -23,7 +24,9 @@ class MemoryOptions:
     def describe(self) -> str:
         parts = [f"blocks_to_swap = {self.blocks_to_swap}"] if self.blocks_to_swap else []
         parts += ["fp8_base"] if self.fp8_base else []
-        parts += ["offload_activations"] if self.offload_activations else []
+        parts += (["offload_activations = disk"] if self.offload_activations == "disk" else
+                  ["offload_activations"] if self.offload_activations else [])
+        parts += [f"checkpoint_segments = {self.checkpoint_segments}"] if self.checkpoint_segments > 1 else []
         return ", ".join(parts) or "all resident"
 
 
@@ -61,6 +64,15 @@ def check_memory_options(options: MemoryOptions, transformer_or_block_counts, de
     if swap >= n:
         raise MemoryConfigError(f"blocks_to_swap = {swap}: the transformer has {n} blocks, so at most {n - 1} "
                                 f"can be swapped (one block must stay on the device)")
+    if options.offload_activations not in (False, True, "disk"):
+        raise MemoryConfigError(f"offload_activations = {options.offload_activations!r}: expected true, false or "
+                                f"\"disk\"")
+    k = options.checkpoint_segments
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
+        raise MemoryConfigError(f"checkpoint_segments = {k!r}: expected a whole number from 1 (off) to {n}")
+    if k > 1 and options.offload_activations:
+        raise MemoryConfigError("checkpoint_segments and offload_activations are two answers to the same shortage "
+                                "of memory for the block inputs: choose one")
     if not gradient_checkpointing:
         # Without recompute, autograd keeps every block's weights for backward: swapping would free nothing and
         # there are no checkpointed inputs to offload.
@@ -69,6 +81,8 @@ def check_memory_options(options: MemoryOptions, transformer_or_block_counts, de
         if options.offload_activations:
             raise MemoryConfigError("offload_activations needs gradient_checkpointing = true (it offloads the "
                                     "checkpointed block inputs)")
+        if k > 1:
+            raise MemoryConfigError("checkpoint_segments needs gradient_checkpointing = true")
     if options.fp8_base:
         why = float8_problem(device)
         if why:
