@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 from pathlib import Path
 
 from urae.config import ConfigError, Option, resolve
@@ -155,11 +156,15 @@ def compare_main(argv: list[str]) -> int:
             tmp.write_text(json.dumps({"name": name, "flags": [*common, *flags]}) + "\n")
         with atomic_path(todo) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in missing), encoding="utf-8")
+        on_ctrl_c = signal.getsignal(signal.SIGINT)  # inference.run installs its own; scoring needs ours back
         try:
             inference.run(icfg)
         except ConfigError as e:
             raise EvalError(f"variant {name}: {e}") from None
+        except inference.Interrupted as e:
+            raise KeyboardInterrupt(f"in variant {name} {e}") from None
         finally:
+            signal.signal(signal.SIGINT, on_ctrl_c)
             todo.unlink(missing_ok=True)
         bar.update(len(missing))
     bar.close()
