@@ -147,6 +147,6 @@ def test_help_shows_every_options_choices_and_default(command, capsys):
             assert str(c) in entry, f"--{o.name}: choice {c} not shown"
     text = re.sub(r"\s+", " ", out)
     if command == "train":
-        assert "--optimizer_type {prodigy,adamw,adamw8bit,adafactor}" in text and "default: prodigy" in text
+        assert "--optimizer_type {prodigy,adamw,adamw8bit,adafactor,sgd}" in text and "default: prodigy" in text
     else:
         assert "--dtype {auto,bf16,fp16,fp32}" in text and "default: 4096" in text
