@@ -15,6 +15,9 @@ DEFAULT_BASE_SEQ_LEN = 512 + 64 * 64
 RUNTIME_METADATA_KEY = "urae_runtime"
 # The static shift of FLUX.1's diffusers scheduler configs.
 DEFAULT_SHIFT = {"dev": 3.0, "schnell": 1.0}
+# Position schemes (rope.py, a copy of the project's urae/rope.py) and their options with the reference's defaults.
+ROPE_SCHEMES = ("ntk", "yarn", "dype-yarn", "dype-ntk", "none")
+ROPE_DEFAULTS = {"rope_base_resolution": 1024, "dype_lambda": 2.0, "yarn_beta": [1.25, 0.75], "yarn_gamma": [16.0, 2.0]}
 
 
 def rope_theta(ntk_factor: float) -> float:
@@ -50,20 +53,30 @@ def runtime_from_metadata(meta: dict | None) -> dict | None:
 
 def resolve(width: int, height: int, variant: str, ntk_factor: float | None = None,
             proportional_attention: bool | None = None, shift: float | None = None,
-            metadata_runtime: dict | None = None) -> dict:
+            metadata_runtime: dict | None = None, rope: str | None = None) -> dict:
     """Explicit value, then the LoRA's metadata, then URAE's defaults for the target size.
 
     None means "not given". As on the command line, a file's metadata replaces the size-based defaults
-    as a whole, and the shift never comes from metadata (it is the model variant's static shift).
+    as a whole (a scheme other than the file's drops its NTK factor), the size defaults (NTK 10 and
+    proportional attention from 2048 px on) belong to the `ntk` scheme, and the shift never comes from
+    metadata (it is the model variant's static shift).
     """
     if metadata_runtime:
         base = {"ntk_factor": float(metadata_runtime.get("ntk_factor", 1.0)),
                 "proportional_attention": bool(metadata_runtime.get("proportional_attention", False)),
-                "base_seq_len": int(metadata_runtime.get("base_seq_len", DEFAULT_BASE_SEQ_LEN))}
+                "base_seq_len": int(metadata_runtime.get("base_seq_len", DEFAULT_BASE_SEQ_LEN)),
+                "rope": str(metadata_runtime.get("rope", "ntk"))}
+        base.update({k: metadata_runtime.get(k, v) for k, v in ROPE_DEFAULTS.items()})
+        if rope is not None and rope != base["rope"]:
+            base["ntk_factor"] = 1.0
     else:
-        hi = is_high_res(width, height)
+        hi = is_high_res(width, height) and rope in (None, "ntk")
         base = {"ntk_factor": 10.0 if hi else 1.0, "proportional_attention": hi,
-                "base_seq_len": DEFAULT_BASE_SEQ_LEN}
+                "base_seq_len": DEFAULT_BASE_SEQ_LEN, "rope": "ntk", **ROPE_DEFAULTS}
+    if rope is not None:
+        base["rope"] = rope
+    if base["rope"] not in ROPE_SCHEMES:
+        raise ValueError(f"unknown rope {base['rope']!r}; choose one of {', '.join(ROPE_SCHEMES)}")
     if ntk_factor is not None:
         base["ntk_factor"] = float(ntk_factor)
     if proportional_attention is not None:
@@ -71,6 +84,9 @@ def resolve(width: int, height: int, variant: str, ntk_factor: float | None = No
     base["shift"] = float(shift) if shift is not None else DEFAULT_SHIFT[variant]
     if not (math.isfinite(base["ntk_factor"]) and base["ntk_factor"] > 0):
         raise ValueError(f"ntk_factor must be a positive number, got {base['ntk_factor']!r}")
+    if base["rope"] != "ntk" and base["ntk_factor"] != 1:
+        raise ValueError(f"ntk_factor {base['ntk_factor']:g} is for rope = ntk; rope = {base['rope']} sets its own "
+                         f"frequencies (leave ntk_factor at 0 = auto)")
     if not base["shift"] > 0:
         raise ValueError(f"shift must be positive, got {base['shift']!r}")
     if base["base_seq_len"] < 2:

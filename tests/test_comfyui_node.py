@@ -21,9 +21,9 @@ from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
 from comfyui_urae import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_urae import settings as S
-from comfyui_urae.nodes import URAEHighResRuntime, URAELoraLoader
+from comfyui_urae.nodes import URAEHighResRuntime, URAELoraLoader, apply_runtime
 from networks import minor_lora
-from urae import adapters, inference, runtime
+from urae import adapters, inference, rope, runtime
 from urae.flow import pack_latents, unpack_latents
 from urae.runtime import HighResSettings, apply_highres, shifted_scheduler
 from urae.sampling import SampleRequest
@@ -59,21 +59,42 @@ def test_formulas_match_the_command_line():
     for f in (1.0, 7.0, 10.0):
         with apply_highres(t, HighResSettings(ntk_factor=f)):
             assert S.rope_theta(f) == t.pos_embed.theta
+    assert S.ROPE_SCHEMES == rope.SCHEMES
+    assert S.ROPE_DEFAULTS == {k: list(v) if isinstance(v, tuple) else v for k, v in HighResSettings().to_dict().items()
+                               if k in S.ROPE_DEFAULTS}
+    # the node package installs alone, so it carries the position schemes' code: the same file
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "comfyui_urae" / "rope.py").read_text() == (root / "urae" / "rope.py").read_text()
     sched = shifted_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), HighResSettings())
     sched.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10))
     ours = torch.tensor([S.shifted_sigma(u, 3.0) for u in np.linspace(1.0, 0.1, 10)])
     torch.testing.assert_close(sched.sigmas[:-1], ours.float(), rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("size", [(1024, 1024), (2048, 2048), (4096, 1024), (1536, 1536)])
-@pytest.mark.parametrize("meta", [None, RUNTIME, {"ntk_factor": 1.0, "proportional_attention": False, "base_seq_len": 1000}])
-@pytest.mark.parametrize("explicit", [{}, {"ntk_factor": 3.0}, {"proportional_attention": False, "shift": 1.5}])
+DYPE_META = {"ntk_factor": 1.0, "proportional_attention": True, "rope": "dype-yarn", "rope_base_resolution": 512,
+             "dype_lambda": 1.5, "yarn_beta": [1.0, 0.5], "yarn_gamma": [8.0, 1.0]}
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (2048, 2048), (4096, 1024), (4096, 2304), (1536, 1536)])
+@pytest.mark.parametrize("meta", [None, RUNTIME, {"ntk_factor": 1.0, "proportional_attention": False, "base_seq_len": 1000},
+                                  DYPE_META])
+@pytest.mark.parametrize("explicit", [{}, {"ntk_factor": 3.0}, {"proportional_attention": False, "shift": 1.5},
+                                      {"rope": "yarn"}, {"rope": "none", "proportional_attention": True}])
 def test_priority_matches_the_command_line(size, meta, explicit):
     cfg = {"ntk_factor": None, "proportional_attention": None, "shift": None, "dynamic_shift": False, **explicit}
-    cli = inference.runtime_settings(cfg, SampleRequest("p", *size), meta)
+    try:
+        cli = inference.runtime_settings(cfg, SampleRequest("p", *size), meta)
+    except inference.ConfigError as e:  # ntk_factor with another scheme: refused by both
+        with pytest.raises(ValueError, match="ntk_factor 3 is for rope = ntk"):
+            S.resolve(*size, "dev", metadata_runtime=meta, **explicit)
+        assert "ntk_factor 3 is for rope = ntk" in str(e)
+        return
     node = S.resolve(*size, "dev", metadata_runtime=meta, **explicit)
-    assert node == {"ntk_factor": cli.ntk_factor, "proportional_attention": cli.proportional_attention,
-                    "base_seq_len": cli.base_seq_len, "shift": cli.shift or FLUX_DEV_SCHEDULER["shift"]}
+    want = {k: v for k, v in cli.to_dict().items() if k in node}
+    want["shift"] = cli.shift or FLUX_DEV_SCHEDULER["shift"]
+    want["yarn_beta"], want["yarn_gamma"] = list(want["yarn_beta"]), list(want["yarn_gamma"])
+    assert node == want and set(node) == {"ntk_factor", "proportional_attention", "base_seq_len", "shift", "rope",
+                                          *S.ROPE_DEFAULTS}
 
 
 def test_mappings_follow_comfyui_conventions():
@@ -214,6 +235,33 @@ def test_comfyui_forward_with_the_node_equals_apply_highres(comfy, dev, ntk, pro
         assert without > 100 * TOL, "the stock model must differ, or this test could not fail"
 
 
+# position scheme x proportional attention; base 64 px (4 tokens per axis) so the 8 x 12 token grid is past it
+SCHEME_ROWS = [("ntk", False), ("ntk", True), ("yarn", False), ("yarn", True), ("dype-yarn", False),
+               ("dype-yarn", True), ("dype-ntk", False), ("dype-ntk", True), ("none", True)]
+ROPE_TOL = 1e-6
+
+
+@needs_comfyui
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,prop", SCHEME_ROWS)
+def test_every_position_scheme_in_comfyui_equals_apply_highres(comfy, dev, scheme, prop):
+    """The node's scheme (DyPE's sigma read from ComfyUI's transformer_options) against our diffusers runtime."""
+    meta = {"rope": scheme, "rope_base_resolution": 64, "proportional_attention": prop,
+            "ntk_factor": 10.0 if scheme == "ntk" else 1.0}
+    rt = S.resolve(2048, 2048, "dev", metadata_runtime=meta)
+    x = inputs(seed=4)
+    m = apply_runtime(dev, rt)
+    v_node, xt = comfy_velocity(comfy, m, x)
+    v_ref = diffusers_velocity(build_transformer(seed=SEED), xt, x, HighResSettings.from_dict(rt))
+    v_stock, _ = comfy_velocity(comfy, dev, x)
+    with_node, without = (v_node - v_ref).abs().max().item(), (v_stock - v_ref).abs().max().item()
+    print(f"rope {scheme}, proportional attention {prop}: max |diff| with node {with_node:.2e}, stock {without:.2e}")
+    assert with_node <= ROPE_TOL
+    assert without > 100 * ROPE_TOL, "the stock model must differ, or this test could not fail"
+    if scheme in ("yarn", "dype-yarn", "dype-ntk"):  # the call's sigma, from transformer_options, reached the tables
+        assert m.object_patches["diffusion_model.pe_embedder"].sigmas == [pytest.approx(x["sigma"], abs=1e-7)]
+
+
 @needs_comfyui
 @pytest.mark.slow
 def test_equal_above_flux_training_length(comfy, dev):
@@ -287,6 +335,41 @@ def test_lora_with_the_node_equals_our_pipeline_with_the_adapter(comfy, dev, ura
     assert (via_runtime - v_ref).abs().max().item() < TOL
     assert (via_loader - v_ref).abs().max().item() < TOL
     assert (no_lora - v_ref).abs().max().item() > 100 * TOL
+
+
+@needs_comfyui
+@pytest.mark.slow
+def test_a_file_trained_under_dype_drives_the_loader_node_as_the_command_line(comfy, dev, tmp_path_factory):
+    """The metadata training writes for rope = dype-yarn (its `inference_settings(...).to_dict()`) makes the
+    loader node (rope auto) run DyPE as flux_urae_infer.py does, on a 5:2 grid."""
+    t = build_transformer(seed=SEED)
+    trained = HighResSettings(rope="dype-yarn", rope_base_resolution=64)
+    net = minor_lora.create_network(1.0, 4, 4.0, None, [], t, init="minor", targets="urae", verbose="False",
+                                    runtime=json.dumps(trained.to_dict()))
+    net.apply_to([], t, False, True)
+    net.prepare_grad_etc(None, t)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    folder = tmp_path_factory.mktemp("dype-loras")
+    net.save_weights(str(folder / "urae_dype.safetensors"), None, {})
+    comfy[1].add_model_folder_path("loras", str(folder))
+    x = inputs(seed=6, h=16, w=40)
+    v_node, xt = comfy_velocity(comfy, URAELoraLoader().load(dev, "urae_dype.safetensors", 1.0, 4096, 1664, 0.0,
+                                                             "auto", 0.0, "auto")[0], x)
+    ref_model = build_transformer(seed=SEED)
+    meta = adapters.check_adapter_file(folder / "urae_dype.safetensors")
+    adapters.attach_adapters(ref_model, [str(folder / "urae_dype.safetensors")], [1.0])
+    cfg = {"ntk_factor": None, "proportional_attention": None, "shift": None, "dynamic_shift": False}
+    settings = inference.runtime_settings(cfg, SampleRequest("p", 4096, 1664), adapters.runtime_from_metadata(meta))
+    assert settings == trained
+    v_ref = diffusers_velocity(ref_model, xt, x, settings)
+    other, _ = comfy_velocity(comfy, URAELoraLoader().load(dev, "urae_dype.safetensors", 1.0, 4096, 1664, 0.0,
+                                                           "auto", 0.0, "ntk")[0], x)
+    diff, off = (v_node - v_ref).abs().max().item(), (other - v_ref).abs().max().item()
+    print(f"dype-yarn adapter, 5:2: loader node {diff:.2e}, loader node with rope ntk {off:.2e}")
+    assert diff < TOL and off > 100 * TOL
 
 
 @needs_comfyui
@@ -369,8 +452,9 @@ def _widget_inputs(cls):
             if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
 
 
-def test_there_are_the_three_workflows():
-    assert [p.name for p in WORKFLOWS] == ["urae_2048.json", "urae_4096.json", "urae_two_stage.json"]
+def test_there_are_the_four_workflows():
+    assert [p.name for p in WORKFLOWS] == ["urae_2048.json", "urae_4096.json", "urae_dype_4096.json",
+                                           "urae_two_stage.json"]
 
 
 @needs_comfyui

@@ -103,7 +103,7 @@ def test_compare_on_the_tiny_model_resumes_after_ctrl_c(tiny_flux_dir, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted: images written so far are kept" in err
+    assert "\ninterrupted" in err and "run the same command again to continue" in err and "Traceback" not in err
     made = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     assert 1 <= len(made) < 4, sorted(made)  # stopped inside the grid, at least one image done
 
@@ -115,6 +115,10 @@ def test_compare_on_the_tiny_model_resumes_after_ctrl_c(tiny_flux_dir, tmp_path)
     for v in ("base", "ntk4"):
         rows = _lines(out / "images" / v / "images.jsonl")
         assert sorted((r["prompt"], r["seed"]) for r in rows) == [("a city at night, 4k", 7), ("a red cat", 7)]
+    changed = _compare(tiny_flux_dir, out)
+    changed[changed.index("ntk4: --ntk_factor 4 --proportional_attention")] = "ntk4: --ntk_factor 5"
+    rc = subprocess.run(changed, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 2 and "variant ntk4: its images in" in rc.stderr and "made with other flags" in rc.stderr
     ntk = _lines(out / "images" / "ntk4" / "images.jsonl")[0]["runtime"]
     assert ntk["ntk_factor"] == 4 and ntk["proportional_attention"] is True  # the variant's flags reached the CLI
     data = json.loads((out / "scores.json").read_text())

@@ -386,6 +386,10 @@ def test_sizes_off_the_16_grid_are_refused_with_the_nearest(tiny_flux_dir, tmp_p
     rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "4100", "--height", "2304", "--rope", "yarn")
     assert rc == 2
     assert "the nearest valid width is 4096" in capsys.readouterr().err
+    # diffusers' context parallelism splits the positions, from which yarn/dype take their scales
+    rc, _ = run(tmp_path, tiny_flux_dir, "--prompt", "x", "--width", "256", "--height", "256", "--rope", "dype-yarn",
+                "--context_parallel", "2")
+    assert rc == 2 and "--context_parallel with rope = dype-yarn" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir, tmp_path, capsys, monkeypatch):
@@ -410,6 +414,12 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_images(tiny_flux_dir
     assert err == [f"interrupted after 1 of 3 image(s); the 1 finished are kept in {out}"], err
     assert len(list(out.glob("*.png"))) == 1 and len((out / "images.jsonl").read_text().splitlines()) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for whoever runs next
+    import urae.inference
+
+    calls[:] = [1, 1]  # past the simulated Ctrl-C; run() alone (as the eval tool calls it): finished, then the handler is put back
+    urae.inference.run(urae.inference.parse(["--model", str(tiny_flux_dir), "--output_dir", str(tmp_path / "b"),
+                                             "--steps", "1", "--prompt", "x", "--width", "64", "--height", "64"]))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_gpu_memory_line_uses_the_run_dtype_and_fp8():

@@ -83,21 +83,22 @@ def test_cpu_backends_equal_the_plain_run(tiny_flux_dir, plain, tmp_path, backen
     assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"attention_backend": backend}
 
 
-@pytest.mark.slow  # tracing the blocks: 20-60 s on 2 shared cores
-def test_regional_compile_equals_the_plain_run_and_is_traced_once(tiny_flux_dir, plain, tmp_path):
-    """aot_eager: dynamo's real tracing of the blocks, hooks and scaled dispatch, without inductor's C++ build
-    (which the slow test below runs). A second image must reuse the traced blocks, not trace them again."""
-    from torch._dynamo.utils import counters
+def test_compiled_blocks_see_the_same_hooks_at_every_image(tiny_flux_dir):
+    """torch.compile guards on the hook functions of the modules it traced and on the dispatch function it
+    called: new ones at each image would trace every block again (and past 8 times silently run uncompiled)."""
+    from diffusers.models.transformers import transformer_flux as tf
 
-    torch._dynamo.reset()
-    out = tmp_path / "compiled"
-    rc = main(["--model", str(tiny_flux_dir), "--output_dir", str(out), *HIRES, "--num_images", "2",
-               "--compile", "--compile_backend", "aot_eager"])
-    assert rc == 0
-    assert same(out, plain[0])
-    assert counters["stats"]["unique_graphs"] <= 4  # 2 block kinds, each re-traced at most once for strides
-    assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"compile": "aot_eager"}
-    torch._dynamo.reset()
+    from urae.runtime import HighResSettings, apply_highres
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    attn = pipe.transformer.single_transformer_blocks[-1].attn
+    seen = []
+    for _ in range(2):
+        with apply_highres(pipe.transformer, HighResSettings(proportional_attention=True)):
+            seen.append((tf.dispatch_attention_fn, dict(attn._forward_pre_hooks), dict(attn._forward_hooks)))
+    assert seen[0][0] is seen[1][0] and seen[0][0]._urae_patch
+    assert seen[0][1] == seen[1][1] and seen[0][2] == seen[1][2] and len(seen[0][1]) == 1
+    assert attn._urae_base_seq_len is None  # inert outside the block
 
 
 @pytest.mark.slow
@@ -131,11 +132,13 @@ def test_lora_and_fp8_compose_with_backend_and_compile(tiny_flux_dir, lora, plai
     base = ["--lora", str(lora), "--fp8"]
     ref = generate(tmp_path, tiny_flux_dir, "lora_fp8", *base)
     assert max_diff(ref, plain[0]) > 8, "the LoRA must change the image"
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # aot_eager: dynamo's real tracing of blocks, hooks, LoRA and fp8 without inductor's build
     out = generate(tmp_path, tiny_flux_dir, "lora_fp8_fast", *base, "--attention_backend", "_native_math",
                    "--compile", "--compile_backend", "aot_eager")
     torch._dynamo.reset()
     assert same(out, ref)
+    assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {
+        "attention_backend": "_native_math", "compile": "aot_eager"}
 
 
 def test_caches_are_labelled_approximate_with_the_passes_they_reused(tiny_flux_dir, plain, tmp_path):
@@ -243,3 +246,30 @@ def test_context_parallel_on_two_processes_equals_one(tiny_flux_dir, plain, tmp_
     assert len((out / "images.jsonl").read_text().splitlines()) == 1  # one writer
     assert same(out, plain[0])
     assert json.loads(read_png_info(out / "00000_3_384x256.png")["speed"]) == {"context_parallel": "ulysses 2"}
+
+
+@pytest.mark.slow
+def test_speed_benchmark_rows_cpu_smoke(tmp_path):
+    """bench_infer_gpu.py --speed in its tiny CPU mode: a row per option, the cache row's passes and its
+    difference to dense, the table and the JSON."""
+    js = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_infer_gpu.py", "--speed", "--quick", "--cpu", "--json", str(js),
+                        "--speed-options", "dense", "fbcache"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["option"]: row for row in json.loads(js.read_text())["speed_rows"]}
+    assert set(rows) == {"dense", "fbcache"} and all(x["status"] == "ok" for x in rows.values())
+    assert rows["fbcache"]["passes"] == 3 and rows["fbcache"]["vs_dense"]["psnr_db"] > 0
+    assert "s/step" in r.stdout and "vs dense" in r.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload needs CUDA")
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_composes_with_cache_and_backend_on_a_gpu(tiny_flux_dir, tmp_path, offload):
+    base = ["--device", "cuda", "--dtype", "bf16", "--offload", offload]
+    dense = generate(tmp_path, tiny_flux_dir, "dense", *base)
+    fast = generate(tmp_path, tiny_flux_dir, "fast", *base, "--attention_backend", "_native_math",
+                    *(["--compile"] if offload == "model" else []))
+    assert max_diff(dense, fast) <= 2  # bf16
+    cached = generate(tmp_path, tiny_flux_dir, "cached", *base, "--cache", "taylorseer")
+    assert json.loads((cached / "images.jsonl").read_text())["approximate"].startswith("approximate (cache taylorseer")

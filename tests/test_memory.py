@@ -222,6 +222,28 @@ def test_offloaded_inputs_are_the_hidden_states_by_name():
     assert activation_leaves(Renamed(), (temb, hs)) == [1]
 
 
+def test_pinned_buffers_register_whole_pages_of_their_own(monkeypatch):
+    """The driver refuses to register a page twice: small buffers side by side must not share one. (The driver
+    call is recorded here; tests/test_memory_cuda.py makes it for real.)"""
+    import torch.cuda._pin_memory_utils as pmu
+
+    from urae.memory.pinned import PAGE, HostStack
+
+    registered = {}
+    monkeypatch.setattr(pmu, "pin_memory", lambda ptr, size: registered.__setitem__(ptr, size))
+    monkeypatch.setattr(pmu, "unpin_memory", lambda ptr: registered.pop(ptr))
+    stack = HostStack(pin=True)
+    views = [stack.take((n,), torch.float32) for n in (3, 700, 5, 1025)]  # the last one needs a second buffer
+    spans = sorted((p, p + n) for p, n in registered.items())
+    assert len(spans) == 2 and all(a % PAGE == 0 and (b - a) % PAGE == 0 for a, b in spans)
+    assert all(b <= c for (_, b), (c, _) in zip(spans, spans[1:]))  # no page registered twice
+    assert all(any(a <= v.data_ptr() < b for a, b in spans) for v in views)
+    stack.reset()  # the next step: one buffer of the step's total, the pieces unregistered
+    assert list(registered.values()) == [page_bytes(sum(aligned(n * 4) for n in (3, 700, 5, 1025)))]
+    stack.release()
+    assert registered == {}
+
+
 def test_pinned_memory_is_exact_where_torchs_allocator_rounds_up():
     """torch's caching host allocator (Tensor.pin_memory) rounds every request to a power of two; our buffers
     hold the payload to the page, and host_bytes counts exactly what they allocate."""
@@ -400,12 +422,26 @@ def test_auto_keeps_host_memory_within_its_budgets():
     assert host_limits(64 * GB, available_bytes=20 * GiB)[1] == 20 * GiB
 
 
+def test_the_plan_line_states_host_memory_extra_flops_and_disk_writes():
+    from urae.train_memory import MemoryChoice
+
+    seg = MemoryOptions(blocks_to_swap=55, checkpoint_segments=4)
+    line = MemoryChoice(seg, 20 * GiB, "auto", step_costs(seg, 4096, 4096), None, 10_000).summary()
+    assert "checkpoint_segments = 4" in line and "+25% FLOPs" in line and "1.3 GiB pinned" in line
+    disk = MemoryOptions(blocks_to_swap=46, offload_activations="disk")
+    line = MemoryChoice(disk, 20 * GiB, "auto", step_costs(disk, 4096, 4096), "/data", 10_000).summary()
+    assert "21.5 GiB written per step, 231.3 TB over 10000 step(s)" in line and "endurance" in line
+
+
 def test_estimate_agrees_with_the_fake_tensor_count():
     # all-resident peaks of one real-size step counted by benchmarks/bench_memory.py (adapter in bf16 with AdamW
     # there; fp32 with Prodigy in the estimate: +0.31 GiB), and the earlier independent count's 24.6 / 30.6 / 54.5 GiB within 10 %
     for size, measured, design in ((1024, 24.50, 24.6), (2048, 30.49, 30.6), (4096, 54.48, 54.5)):
         est = estimate_peak_bytes(MemoryOptions(), size, size) / GiB
         assert est == pytest.approx(measured + 0.313, abs=0.02) and est == pytest.approx(design, rel=0.10)
+    # two-level checkpointing at 2048² (k = 8): counted 26.53 GiB by the same benchmark
+    assert estimate_peak_bytes(MemoryOptions(checkpoint_segments=8), 2048, 2048) / GiB == pytest.approx(
+        26.53 + 0.313, abs=0.02)
     # offload moves every block input out and back; swap moves each swapped block in twice but the last once
     assert bytes_moved_per_step(MemoryOptions(offload_activations=True), 4096, 4096) == 2 * 57 * 66048 * 3072 * 2
     assert bytes_moved_per_step(MemoryOptions(blocks_to_swap=2), 1024, 1024) == 3 * 141_591_808 * 2

@@ -14,7 +14,7 @@ import torch
 
 from urae import speed
 from urae.config import ConfigError, Option, check_ranges, format_table, resolve
-from urae.rope import SCHEMES
+from urae.rope import SCHEMES, TABLE_SCHEMES
 from urae.runtime import HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
@@ -176,6 +176,16 @@ def runtime_settings(cfg, req, adapter_runtime: dict | None) -> HighResSettings:
                                     "dype_lambda") if cfg.get(k) is not None}
     if cfg["dynamic_shift"]:
         explicit["dynamic_shift"] = True
+    settings = _runtime_settings(explicit, req, adapter_runtime)
+    if (cfg.get("context_parallel") or 1) > 1 and settings.rope in TABLE_SCHEMES:
+        # diffusers splits img_ids across the processes, and these schemes take each axis's scale from the
+        # largest position a process sees
+        raise ConfigError(f"--context_parallel with rope = {settings.rope}: each process would see only part of the "
+                          f"rows and scale them wrongly; use one process, or --rope ntk / none")
+    return settings
+
+
+def _runtime_settings(explicit: dict, req, adapter_runtime: dict | None) -> HighResSettings:
     try:
         if adapter_runtime:
             keep = ("ntk_factor", "proportional_attention", "base_seq_len", *ROPE_KEYS)
@@ -278,14 +288,16 @@ class Interrupted(Exception):
     """Ctrl-C: the message says how far the run got and what of it is kept."""
 
 
-def _report_ctrl_c(progress) -> None:
+def _report_ctrl_c(progress):
     """From now on Ctrl-C stops with `progress()` (how far the run got) instead of a traceback; every image is
-    written whole as soon as it is finished, so what is done is kept. `main` restores the handler."""
+    written whole as soon as it is finished, so what is done is kept. Returns the handler to put back (`run` does
+    when it finishes, `main` also after an error)."""
     def stop(signum, frame):
         raise Interrupted(progress())
 
     if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-        signal.signal(signal.SIGINT, stop)
+        return signal.signal(signal.SIGINT, stop)
+    return None
 
 
 def run(cfg: dict) -> list[Path]:
@@ -360,7 +372,7 @@ def run(cfg: dict) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     first_index = next_index(out_dir)
     written = []
-    _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
+    on_ctrl_c = _report_ctrl_c(lambda: f"after {len(written)} of {len(requests)} image(s); " + (
         f"the {len(written)} finished are kept in {out_dir}" if written else "nothing was written"))
     bar = tqdm(total=total, unit="step", desc="generating", disable=not fast.writes)
     for i, req in enumerate(requests):
@@ -391,6 +403,8 @@ def run(cfg: dict) -> list[Path]:
         append_jsonl(out_dir / "images.jsonl", {"file": path.name, **info})
         written.append(path)
     bar.close()
+    if on_ctrl_c is not None:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     speed.finish(fast)
     print(f"wrote {len(written)} image(s) to {out_dir}")
     return written

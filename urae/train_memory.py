@@ -57,7 +57,7 @@ class MemoryChoice:
         if self.options.offload_activations == "disk" and c:
             run = c["disk"] * self.steps
             line += (f"\nmemory: the block inputs go to {self.disk_dir}: {human_bytes(c['disk'])} written per step, "
-                     f"{human_bytes(run)} over {self.steps} step(s); past a few hundred TB that is beyond many "
+                     f"{run / 1e12:,.1f} TB over {self.steps} step(s); past a few hundred TB that is beyond many "
                      f"SSDs' rated endurance: prefer checkpoint_segments where the GPU allows")
         return line
 

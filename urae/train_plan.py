@@ -170,7 +170,7 @@ def _check_quantised(cfg: dict, location: str, is_main: bool) -> None:
         full = str(folder) if folder.is_dir() else "<a bf16/fp32 transformer file or folder>"
         raise ConfigError(
             f"transformer: {name} stores {describe(found)}, and init={init} would take its singular components from "
-            f"the rounded weights (the rounding is larger than the minor components): pass network_args "
+            f"the rounded weights (float8 rounding can exceed the minor components): pass network_args "
             f"svd_weights={full} (the SVD reads W there; training still uses {name}), or unset transformer to train "
             f"on {location} itself, or set allow_quantised_svd = true to go on with the rounded weights")
     if is_main:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from urae.config import ConfigError, Option, resolve
-from urae.eval.metrics import WEIGHT_FREE, EvalError, make_metrics, parse_overrides
+from urae.eval.metrics import EvalError, make_metrics, parse_overrides
 
 MODES = ("score", "compare", "report")
 DEFAULT_METRICS = ("detail", "clip_score", "pickscore")
@@ -149,10 +149,8 @@ def main(argv=None) -> int:
     except (ConfigError, EvalError, ModelLoadError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: images written so far are kept; run the same command again to continue",
-              file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:  # on a line of its own: a progress bar may be cut mid-line
+        print(f"\ninterrupted{' ' + str(e) if str(e) else ''}; images written so far are kept: run the same "
+              f"command again to continue", file=sys.stderr, flush=True)
         return 130
 
-
-__all__ = ["main", "WEIGHT_FREE"]

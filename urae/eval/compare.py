@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 from pathlib import Path
 
 from urae.config import ConfigError, Option, resolve
@@ -131,6 +132,11 @@ def compare_main(argv: list[str]) -> int:
             raise EvalError(f"variant {name}: flux_urae_infer.py refused its flags {shlex.join(flags)}") from e
         except ConfigError as e:
             raise EvalError(f"variant {name}: {e}") from None
+        made_with = folder / "variant.json"
+        if made_with.is_file() and json.loads(made_with.read_text())["flags"] != [*common, *flags]:
+            raise EvalError(f"variant {name}: its images in {folder} were made with other flags "
+                            f"({shlex.join(json.loads(made_with.read_text())['flags'])}); reusing them would mix "
+                            f"settings: use another --output_dir, or another variant name")
         done = _done(folder)
         missing = [r for r in records if (r["prompt"], r["seed"]) not in done]
         plans.append((name, flags, folder, todo, icfg, missing))
@@ -146,13 +152,19 @@ def compare_main(argv: list[str]) -> int:
         bar.write(f"variant {k}/{len(plans)} {name}: {len(missing)} image(s) "
                   f"({shlex.join(flags) or 'no extra flags'})")
         folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "variant.json") as tmp:  # what its images were made with, for the next resume
+            tmp.write_text(json.dumps({"name": name, "flags": [*common, *flags]}) + "\n")
         with atomic_path(todo) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in missing), encoding="utf-8")
+        on_ctrl_c = signal.getsignal(signal.SIGINT)  # inference.run installs its own; scoring needs ours back
         try:
             inference.run(icfg)
         except ConfigError as e:
             raise EvalError(f"variant {name}: {e}") from None
+        except inference.Interrupted as e:
+            raise KeyboardInterrupt(f"in variant {name} {e}") from None
         finally:
+            signal.signal(signal.SIGINT, on_ctrl_c)
             todo.unlink(missing_ok=True)
         bar.update(len(missing))
     bar.close()

@@ -217,7 +217,6 @@ class Pyiqa(ImageMetric):
 
 REGISTRY = {"detail": Detail, "clip_score": ClipScore, "pickscore": PickScore, "fd_dinov2": FdDinov2, "cmmd": Cmmd}
 PYIQA = ("maniqa", "qualiclip", "musiq")
-WEIGHT_FREE = ("detail",)
 
 
 def make_metrics(names: list[str], overrides: dict[str, str] | None = None, say=print) -> list[Metric]:

@@ -80,8 +80,8 @@ def _curve_svg(column: str, points: list[tuple[int, float]], lower_is_better: bo
             f'viewBox="0 0 {w} {h}"><rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" '
             f'class="frame"/><polyline points="{line}"/>{dots}'
             f'<text x="{pad}" y="{h - 8}">step {s0}</text><text x="{w - pad}" y="{h - 8}" text-anchor="end">'
-            f'step {s1}</text><text x="4" y="{pad - 6}">{_fmt(v1)}</text><text x="4" y="{h - pad + 12}">'
-            f'{_fmt(v0)}</text></svg><figcaption>{html.escape(column)} ({better})</figcaption></figure>')
+            f'step {s1}</text><text x="4" y="{pad - 6}">{v1:.6g}</text><text x="4" y="{h - pad + 12}">'
+            f'{v0:.6g}</text></svg><figcaption>{html.escape(column)} ({better})</figcaption></figure>')
 
 
 _CSS = """

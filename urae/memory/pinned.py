@@ -46,7 +46,10 @@ class HostBuffer:
 
     def __init__(self, nbytes: int, pin: bool):
         self.nbytes = page_bytes(nbytes)
-        self.data = torch.empty(self.nbytes, dtype=torch.uint8)
+        # whole pages of its own: two buffers never share a page, which the driver would refuse to register twice
+        raw = torch.empty(self.nbytes + (PAGE if pin and self.nbytes else 0), dtype=torch.uint8)
+        start = (-raw.data_ptr()) % PAGE if pin and self.nbytes else 0
+        self.data = raw[start:start + self.nbytes]
         self.pinned = False
         if pin and self.nbytes:
             from torch.cuda._pin_memory_utils import pin_memory
