@@ -58,7 +58,9 @@ def test_commands_hide_them_on_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
-    assert "kernels-community" not in out.stderr and "requires torchvision" not in out.stderr
+    # only the transformers line: nothing imported here loads bitsandbytes' CPU backend, so its line could never
+    # appear (its filter is tested on the logger above)
+    assert "requires torchvision" not in out.stderr
 
 
 # Runs a command script as `python script args` would, and records at exit which optional packages it imported.

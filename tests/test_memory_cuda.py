@@ -3,13 +3,13 @@ before each one, so a missing wait would compute with unfinished copies; pinned 
 registers them (torch's caching host allocator must not grow); a dropped prefetch; one trainer step with
 memory = "auto" under a capped share of the GPU.
 
-    python -m pytest tests/test_memory_cuda.py -q          # on a machine with a CUDA GPU
+    python -m pytest -m cuda -q          # on a machine with a CUDA GPU: these and tests/test_cuda.py
 """
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 import networks.minor_lora as ml  # noqa: E402
 from urae.flow import flow_loss  # noqa: E402
