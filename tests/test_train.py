@@ -200,6 +200,23 @@ def _wait_for(cond, proc, timeout=240):
         time.sleep(0.05)
 
 
+# Runs the real trainer in a child that SIGKILLs itself the moment the state of a given step is on disk:
+# the kill always lands at that step, however fast or slow the machine (no race with a timer).
+_KILL_AFTER_STATE = """
+import os, signal, sys
+import urae.trainer as t
+step, argv = int(sys.argv[1]), sys.argv[2:]
+real = t.save_state
+def save_then_die(out_dir, s, *a, **k):
+    path = real(out_dir, s, *a, **k)
+    if s == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+t.save_state = save_then_die
+sys.exit(t.main(argv))
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp_path):
     common = ("--max_train_steps", "8", "--save_every_n_steps", "2", "--optimizer_type", "prodigy",
@@ -208,10 +225,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_flux_dir, data_dir, tmp
     assert main(args(tiny_flux_dir, data_dir, full, *common)) == 0
 
     cut = tmp_path / "cut"
-    proc = _popen(args(tiny_flux_dir, data_dir, cut, *common))
-    _wait_for(lambda: (cut / "state-0000004" / "train_state.json").is_file(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_STATE, "4", *args(tiny_flux_dir, data_dir, cut, *common)],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in cut.glob("state-*")) == ["state-0000002", "state-0000004"]
     assert not (cut / "urae_demo.safetensors").exists()
     assert main(args(tiny_flux_dir, data_dir, cut, *common, "--resume", "auto")) == 0
 
