@@ -16,6 +16,7 @@ VAE encode of 4096² pixels) the uncached step is far more expensive.
 
     python benchmarks/bench_train.py            # full (1-2 minutes on 2 idle CPU cores, more under load)
     python benchmarks/bench_train.py --quick    # smoke run (under 30 s)
+    python benchmarks/bench_train.py --quick --sizes 64 --rounds 1 --only minor:cached   # one tiny row
 """
 
 from __future__ import annotations
@@ -135,11 +136,11 @@ def timed_step(trainee: Trainee, batches: Batches, data: str, k: int) -> tuple[f
     return time.perf_counter() - t0, t1 - t0
 
 
-def bench_size(trainees: dict, batches: Batches, rounds: int, steps: int, warmup: int) -> dict:
-    times = {c: [] for c in CONFIGS}
-    round_min = {c: [] for c in CONFIGS}  # each configuration's fastest step in each round
-    data_times = {c: [] for c in CONFIGS}
-    counter = {c: 0 for c in CONFIGS}
+def bench_size(trainees: dict, batches: Batches, rounds: int, steps: int, warmup: int, configs=CONFIGS) -> dict:
+    times = {c: [] for c in configs}
+    round_min = {c: [] for c in configs}  # each configuration's fastest step in each round
+    data_times = {c: [] for c in configs}
+    counter = {c: 0 for c in configs}
 
     def run(c) -> float:
         total, data = timed_step(trainees[c[0]], batches, c[1], counter[c])
@@ -147,18 +148,18 @@ def bench_size(trainees: dict, batches: Batches, rounds: int, steps: int, warmup
         data_times[c].append(data)
         return total
 
-    for c in CONFIGS:
+    for c in configs:
         for _ in range(warmup):  # first steps pay optimizer-state allocation and kernel set-up
             run(c)
-    for c in CONFIGS:
+    for c in configs:
         data_times[c].clear()
     for r in range(rounds):
-        for c in CONFIGS[r % 4:] + CONFIGS[: r % 4]:
+        for c in configs[r % len(configs):] + configs[: r % len(configs)]:
             t = [run(c) for _ in range(steps)]
             times[c] += t
             round_min[c].append(min(t))
     return {c: {"median": statistics.median(times[c]), "min": min(times[c]), "data": statistics.median(data_times[c]),
-                "round_min": round_min[c], "n": len(times[c])} for c in CONFIGS}
+                "round_min": round_min[c], "n": len(times[c])} for c in configs}
 
 
 def ratio(res: dict, a: tuple, b: tuple) -> tuple[float, float]:
@@ -191,12 +192,15 @@ def main(argv=None):
     ap.add_argument("--optimizer", default="adamw", help="adamw (the demo's) or prodigy (the recipes')")
     ap.add_argument("--layers", type=int, default=2, help="double-stream blocks of the tiny model")
     ap.add_argument("--single-layers", type=int, default=2, help="single-stream blocks of the tiny model")
+    ap.add_argument("--only", choices=[f"{i}:{d}" for i, d in CONFIGS],
+                    help="run this one configuration (a tiny row for a smoke test; no ratios)")
     a = ap.parse_args(argv)
     sizes = a.sizes or ([128] if a.quick else [256, 512])
     batch = a.batch or (1 if a.quick else 2)
     rounds = a.rounds or (2 if a.quick else 6)
     steps = a.steps or (1 if a.quick else 3)
     warmup = 1 if a.quick else 2
+    configs = [tuple(a.only.split(":"))] if a.only else CONFIGS
     lr = 1.0 if a.optimizer == "prodigy" else 1e-3
     for s in sizes:
         if s % 16:
@@ -210,7 +214,8 @@ def main(argv=None):
     from urae.tiny import build_pipeline
 
     pipe = build_pipeline(a.layers, a.single_layers, seed=0)
-    trainees = {init: Trainee(init, a.rank, a.optimizer, lr, a.layers, a.single_layers) for init in ("minor", "plain")}
+    trainees = {init: Trainee(init, a.rank, a.optimizer, lr, a.layers, a.single_layers)
+                for init in dict.fromkeys(i for i, _ in configs)}
     print(f"tiny FLUX.1 ({a.layers}+{a.single_layers} blocks, inner dim 32), adapters r{a.rank} alpha {a.rank} on the "
           f"URAE targets, {a.optimizer} lr {lr:g}, batch {batch}, T5 length 512; {rounds} interleaved rounds x "
           f"{steps} steps per configuration")
@@ -220,27 +225,31 @@ def main(argv=None):
             folder = Path(tmp) / f"data{size}"
             make_data(folder, max(4, 2 * batch), size)
             batches = Batches(pipe, build_plan(pipe, folder, Path(tmp) / f"cache{size}", size), batch)
-            results[size] = bench_size(trainees, batches, rounds, steps, warmup)
+            results[size] = bench_size(trainees, batches, rounds, steps, warmup, configs)
 
     for size, res in results.items():
         lat = size // 8
         print(f"\n{size}x{size} images: latents {batch}x16x{lat}x{lat}, {(lat // 2) ** 2} image tokens + 512 text")
         print(f"{'adapter':<8}{'data':<10}{'min s':>9}{'median s':>10}{'steps/s':>9}{'data s':>9}"
               f"{'vs plain':>10}{'vs cached':>11}")
-        for init, data in CONFIGS:
+        for init, data in configs:
             r = res[(init, data)]
-            vs_plain = ratio(res, (init, data), ("plain", data))[0]
-            vs_cached = ratio(res, (init, data), (init, "cached"))[0]
+            vs = [f"{ratio(res, (init, data), o)[0]:.3f}" if o in res else "n/a" for o in (("plain", data),
+                                                                                          (init, "cached"))]
             print(f"{init:<8}{data:<10}{r['min']:>9.4f}{r['median']:>10.4f}{1 / r['min']:>9.2f}{r['data']:>9.4f}"
-                  f"{vs_plain:>10.3f}{vs_cached:>11.3f}")
-
-        print(summary(res))
+                  f"{vs[0]:>10}{vs[1]:>11}")
+        if len(configs) == len(CONFIGS):
+            print(summary(res))
     print(f"\nmin s: fastest step (other load on the machine only adds time); steps/s = 1 / min s; 'vs' columns and "
           f"ratios: median over rounds of the per-round ratio of fastest steps (in brackets: ratio of the overall "
           f"fastest steps); 'data s' = median batch preparation inside the step (cache read, or decode + VAE + CLIP + "
           f"T5); "
           f"{time.perf_counter() - start:.0f} s in all, load average {os.getloadavg()[0]:.2f} at the end")
+    # what was run, for a caller to check: the timings, and the optimizer steps each adapter really took
+    steps_taken = {init: max((int(st["step"]) for st in t.optimizer.state.values()), default=0)
+                   for init, t in trainees.items()}
+    return {"results": results, "optimizer_steps": steps_taken, "warmup": warmup, "rounds": rounds, "steps": steps}
 
 
 if __name__ == "__main__":
-    main()
+    main()  # the report is printed; the returned numbers are for tests

@@ -82,6 +82,25 @@ def test_benchmarks_quick_cpu(tmp_path):
     assert [v["mode"] for v in res["vae"]] == ["split", "tiled", "untiled"] and res["vae"][0]["status"] == "ok"
 
 
+def test_one_tiny_training_row_times_exactly_the_steps_it_trains(capsys):
+    """bench_train's one-configuration mode, in-process: the timed steps are the rounds x steps after the warm-up,
+    each one a real optimizer step, and the printed row is those timings."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_train import main
+
+    ran = main(["--quick", "--sizes", "64", "--rounds", "1", "--steps", "2", "--only", "plain:cached"])
+    out = capsys.readouterr().out
+    (r,) = ran["results"][64].values()
+    assert (ran["warmup"], ran["rounds"], ran["steps"]) == (1, 1, 2)
+    assert r["n"] == 2 and ran["optimizer_steps"] == {"plain": 1 + 2}  # warm-up trained, not timed
+    assert r["min"] <= r["median"] and 0 < r["data"] < r["min"]  # the cache read is inside the timed step
+    m = re.search(r"^plain\s+cached\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+\d+\.\d+\s+1\.000\s+1\.000$", out, re.M)
+    assert m, out
+    assert float(m.group(1)) == pytest.approx(r["min"], abs=1e-4) and float(m.group(3)) == pytest.approx(1 / r["min"],
+                                                                                                         abs=0.01)
+    assert "minor / plain" not in out  # no ratios from one configuration
+
+
 def test_flop_formula_matches_the_real_config():
     """The per-token multiply-adds the formula assumes are those of FLUX.1-dev's Linear layers (meta device)."""
     import torch
