@@ -73,3 +73,23 @@ def finished_run(tiny_flux_dir, demo_data_dir, tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
     return out, argv, printed.getvalue()
+
+
+def memory_trainee(layers: int, single: int):
+    """A tiny checkpointed transformer with a minor adapter moved off its init (so gradients are not trivial):
+    what the memory tests run on CPU and on CUDA."""
+    import torch
+
+    import networks.minor_lora as ml
+    from urae.tiny import build_transformer
+
+    transformer = build_transformer(layers, single, seed=0).requires_grad_(False)
+    transformer.enable_gradient_checkpointing()
+    network = ml.create_network(1.0, 4, 4, None, [], transformer, init="minor", verbose="False")
+    network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
+    network.prepare_grad_etc(None, transformer)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return transformer, network

@@ -11,30 +11,17 @@ import torch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-import networks.minor_lora as ml  # noqa: E402
+from conftest import memory_trainee  # noqa: E402
+
 from urae.flow import flow_loss  # noqa: E402
 from urae.memory import MemoryOptions, setup_memory  # noqa: E402
 from urae.memory.block_swap import RING  # noqa: E402
 from urae.memory.pinned import aligned, page_bytes  # noqa: E402
 from urae.memory.transfer import Mover  # noqa: E402
-from urae.tiny import build_transformer  # noqa: E402
 
 LAYERS, SINGLE = 2, 3
 N_BLOCKS = LAYERS + SINGLE
 DELAY_CYCLES = 20_000_000  # ~10 ms of GPU time on the side stream before every copy
-
-
-def _trainee():
-    transformer = build_transformer(LAYERS, SINGLE, seed=0).requires_grad_(False)
-    transformer.enable_gradient_checkpointing()
-    network = ml.create_network(1.0, 4, 4, None, [], transformer, init="minor", verbose="False")
-    network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
-    network.prepare_grad_etc(None, transformer)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return transformer, network
 
 
 def _inputs(seed):
@@ -69,7 +56,7 @@ def slow_side_stream(monkeypatch):
 
 
 def _step(options, steps=2, **setup):
-    transformer, network = _trainee()
+    transformer, network = memory_trainee(LAYERS, SINGLE)
     network.cuda()
     handle = setup_memory(transformer, options, "cuda", **setup) if options is not None else None
     if handle is None:
@@ -132,7 +119,7 @@ def test_pinned_bytes_are_exact_and_bypass_the_caching_allocator(resident):
 
 
 def test_a_dropped_prefetch_is_safe_while_its_copy_is_in_flight(resident, slow_side_stream):
-    transformer, network = _trainee()
+    transformer, network = memory_trainee(LAYERS, SINGLE)
     network.cuda()
     handle = setup_memory(transformer, MemoryOptions(blocks_to_swap=3, offload_activations=True), "cuda")
     with torch.no_grad():

@@ -10,13 +10,12 @@ import math
 
 import pytest
 import torch
+from conftest import memory_trainee  # noqa: E402
 
 import urae.memory.install as install
-from networks import minor_lora as ml
 from urae.flow import flow_loss
 from urae.memory import MemoryOptions, setup_memory, transformer_blocks
 from urae.memory.transfer import Mover, Pending
-from urae.tiny import build_transformer
 
 LAYERS, SINGLE = 2, 3  # 5 blocks in execution order
 
@@ -53,19 +52,6 @@ class RecordingAsyncMover(Mover):
         return _Late(dev, host, self.log, tag)
 
 
-def _trainee():
-    transformer = build_transformer(LAYERS, SINGLE, seed=0).requires_grad_(False)
-    transformer.enable_gradient_checkpointing()
-    network = ml.create_network(1.0, 4, 4, None, [], transformer, init="minor", verbose="False")
-    network.apply_to([], transformer, apply_text_encoder=False, apply_unet=True)
-    network.prepare_grad_etc(None, transformer)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return transformer, network
-
-
 def _inputs():
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(1, 16, 8, 8, generator=g)
@@ -81,13 +67,13 @@ def _loss_and_grads(transformer, network):
 
 @pytest.fixture(scope="module")
 def resident():
-    return _loss_and_grads(*_trainee())
+    return _loss_and_grads(*memory_trainee(LAYERS, SINGLE))
 
 
 def _run(options, monkeypatch):
     """One training step through setup_memory with the recording mover; the log gains ("ran", block, phase)."""
     monkeypatch.setattr(install, "Mover", RecordingAsyncMover)
-    transformer, network = _trainee()
+    transformer, network = memory_trainee(LAYERS, SINGLE)
     handle = setup_memory(transformer, options, "cpu")
     mover = RecordingAsyncMover.last
     assert handle.mover is mover
