@@ -93,3 +93,25 @@ def memory_trainee(layers: int, single: int):
         for p in network.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return transformer, network
+
+
+def random_minor_lora(model_dir, path, seed: int, **network_args):
+    """A minor-init adapter on the tiny pipeline with random updates (so it changes images), saved by the
+    network module in the form flux_urae_infer.py reads."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from networks import minor_lora
+
+    pipe = FluxPipeline.from_pretrained(model_dir)
+    net = minor_lora.create_network(1.0, 4, 4.0, None, [], pipe.transformer, init="minor", targets="urae",
+                                    verbose="False", **network_args)
+    net.apply_to([], pipe.transformer, False, True)
+    net.prepare_grad_etc(None, pipe.transformer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    net.save_weights(str(path), None, {})
+    return path

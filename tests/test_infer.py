@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import random_minor_lora
 from diffusers import FluxPipeline
 from PIL import Image
 
@@ -20,19 +21,8 @@ RUNTIME = {"ntk_factor": 7.0, "proportional_attention": True}
 @pytest.fixture(scope="module")
 def trained_lora(tiny_flux_dir, tmp_path_factory):
     """A minor-init adapter with random updates, saved by the network module (PEFT form, runtime metadata)."""
-    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
-    net = minor_lora.create_network(1.0, 4, 4.0, None, [], pipe.transformer, init="minor", targets="urae",
-                                    verbose="False", runtime=json.dumps(RUNTIME))
-    net.apply_to([], pipe.transformer, False, True)
-    net.prepare_grad_etc(None, pipe.transformer)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    path = tmp_path_factory.mktemp("lora") / "urae_tiny.safetensors"
-    net.save_weights(str(path), None, {})
-    return path
+    return random_minor_lora(tiny_flux_dir, tmp_path_factory.mktemp("lora") / "urae_tiny.safetensors", 0,
+                             runtime=json.dumps(RUNTIME))
 
 
 def run(tmp_path, model, *extra):

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_minor_lora
 from diffusers import FluxPipeline
 from PIL import Image
 
-from networks import minor_lora
 from urae import speed
 from urae.inference import main
 from urae.outputs import read_png_info
@@ -112,19 +112,7 @@ def test_inductor_compile_equals_the_plain_run(tiny_flux_dir, plain, tmp_path):
 @pytest.fixture(scope="module")
 def lora(tiny_flux_dir, tmp_path_factory):
     """A minor-init adapter with random updates, saved by the network module."""
-    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
-    net = minor_lora.create_network(1.0, 4, 4.0, None, [], pipe.transformer, init="minor", targets="urae",
-                                    verbose="False")
-    net.apply_to([], pipe.transformer, False, True)
-    net.prepare_grad_etc(None, pipe.transformer)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    path = tmp_path_factory.mktemp("lora") / "tiny.safetensors"
-    net.save_weights(str(path), None, {})
-    return path
+    return random_minor_lora(tiny_flux_dir, tmp_path_factory.mktemp("lora") / "tiny.safetensors", 1)
 
 
 @pytest.mark.slow  # tracing the blocks: 20-60 s on 2 shared cores

@@ -55,12 +55,8 @@ def slow_side_stream(monkeypatch):
     monkeypatch.setattr(Mover, "to_host", slow_to_host)
 
 
-def _step(options, steps=2, **setup):
-    transformer, network = memory_trainee(LAYERS, SINGLE)
-    network.cuda()
-    handle = setup_memory(transformer, options, "cuda", **setup) if options is not None else None
-    if handle is None:
-        transformer.cuda()
+def _train_steps(transformer, network, steps):
+    """Loss and adapter gradients of each step, with fixed noise per step (the numbers compared across setups)."""
     losses, grads = [], []
     for s in range(steps):
         torch.manual_seed(100 + s)
@@ -69,6 +65,16 @@ def _step(options, steps=2, **setup):
         losses.append(loss.item())
         grads.append({n: p.grad.cpu().clone() for n, p in network.named_parameters() if p.grad is not None})
         network.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def _step(options, steps=2, **setup):
+    transformer, network = memory_trainee(LAYERS, SINGLE)
+    network.cuda()
+    handle = setup_memory(transformer, options, "cuda", **setup) if options is not None else None
+    if handle is None:
+        transformer.cuda()
+    losses, grads = _train_steps(transformer, network, steps)
     torch.cuda.synchronize()
     return losses, grads, handle
 
@@ -126,14 +132,7 @@ def test_a_dropped_prefetch_is_safe_while_its_copy_is_in_flight(resident, slow_s
         flow_loss(transformer, *_inputs(7))
     flow_loss(transformer, *_inputs(8))  # its tape (and copies still in flight) is dropped by the next forward
     handle.swap.prefetch(N_BLOCKS - 3)  # a prefetch nobody waits for
-    losses, grads = [], []
-    for s in range(2):
-        torch.manual_seed(100 + s)
-        loss = flow_loss(transformer, *_inputs(2 + s))
-        loss.backward()
-        losses.append(loss.item())
-        grads.append({n: p.grad.cpu().clone() for n, p in network.named_parameters() if p.grad is not None})
-        network.zero_grad(set_to_none=True)
+    losses, grads = _train_steps(transformer, network, 2)
     _assert_same((losses, grads), resident)
     handle.remove()
 
