@@ -91,7 +91,7 @@ class SetMetric(Metric):
         ref = self.embed(reference, tile)
         out = {}
         for name, items in groups.items():
-            feats = self.embed(items, tile)
+            feats = ref if items is reference else self.embed(items, tile)  # compare's reference is one of the groups
             out[name] = {col: (self.distance(feats[col], ref[col]) if min(len(feats[col]), len(ref[col])) >= 2
                                else float("nan")) for col in self.columns}
         return out
