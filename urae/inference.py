@@ -15,7 +15,7 @@ import torch
 from urae import speed
 from urae.config import ConfigError, Option, check_ranges, format_table, resolve
 from urae.rope import SCHEMES, TABLE_SCHEMES
-from urae.runtime import HighResSettings, check_resolution
+from urae.runtime import ROPE_KEYS, HighResSettings, check_resolution
 
 log = logging.getLogger("urae")
 
@@ -197,8 +197,6 @@ def _runtime_settings(explicit: dict, req, adapter_runtime: dict | None) -> High
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
-
-ROPE_KEYS = ("rope", "rope_base_resolution", "dype_lambda", "yarn_beta", "yarn_gamma")
 
 
 def rope_plan(settings: HighResSettings, cfg, adapter_runtime: dict | None) -> str:

@@ -27,6 +27,8 @@ from urae.rope import DYNAMIC_SCHEMES, SCHEMES, TABLE_SCHEMES, RopeParams, batch
 FLUX_ROPE_THETA = 10000
 # N0 = 512 text tokens + 64 x 64 image tokens: the sequence length FLUX.1 was trained at (1024²).
 DEFAULT_BASE_SEQ_LEN = 512 + 64 * 64
+# The HighResSettings fields that make up the position scheme (carried together, e.g. to a two-stage draft).
+ROPE_KEYS = ("rope", "rope_base_resolution", "dype_lambda", "yarn_beta", "yarn_gamma")
 
 
 @dataclasses.dataclass(frozen=True)

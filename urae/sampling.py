@@ -15,7 +15,7 @@ from PIL import Image
 
 from urae.common import has_guidance_embedding
 from urae.flow import unpack_latents
-from urae.runtime import HighResSettings, apply_highres, check_resolution
+from urae.runtime import ROPE_KEYS, HighResSettings, apply_highres, check_resolution
 from urae.vae_decode import decode
 
 
@@ -133,8 +133,7 @@ def two_stage(pipe, req: SampleRequest, init_resolution: int, settings: HighResS
     req.validate()
     w, h = draft_size(req.width, req.height, init_resolution)
     if draft_settings is None:  # the draft's size decides NTK/attention; the timestep schedule is the user's
-        rope = {k: getattr(settings, k) for k in ("rope", "rope_base_resolution", "dype_lambda", "yarn_beta",
-                                                   "yarn_gamma")}  # the same position scheme at the draft's grid
+        rope = {k: getattr(settings, k) for k in ROPE_KEYS}  # the same position scheme at the draft's grid
         draft_settings = HighResSettings.for_resolution(w, h, shift=settings.shift, dynamic_shift=settings.dynamic_shift,
                                                         **rope)
     draft = generate(pipe, dataclasses.replace(req, width=w, height=h, init_image=None), draft_settings,
