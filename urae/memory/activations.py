@@ -43,10 +43,6 @@ ACTIVATIONS = ("hidden_states", "encoder_hidden_states")
 DISK_RING = 3
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def activation_leaves(block, args) -> list[int]:
     """Leaf positions (in tree_flatten(args)) of the arguments named hidden_states / encoder_hidden_states."""
     try:
@@ -125,7 +121,7 @@ class DiskStore:
         layout, n = {}, 0
         for k, t in tensors.items():
             layout[k] = (n, t.shape, t.dtype)
-            n += aligned(_nbytes(t))
+            n += aligned(t.nbytes)
         r = self._slot(n)
         events = [self.mover.to_host(t, self._view(r, layout[k][0], t.shape, t.dtype)) for k, t in tensors.items()]
         staged = self.buffer.data[r * self.slot_bytes:r * self.slot_bytes + n]
@@ -310,7 +306,7 @@ class BlockCheckpoint:
             rec.device.update(tensors)
             return
         stats.activation_offloads += len(tensors)
-        stats.activation_bytes += sum(_nbytes(t) for t in tensors.values())
+        stats.activation_bytes += sum(t.nbytes for t in tensors.values())
 
     def prefetch(self, rec: _Record) -> None:
         """Start bringing a block call's inputs back to the device (one block ahead of its backward)."""
@@ -321,7 +317,7 @@ class BlockCheckpoint:
             pending = {k: self.mover.to_device(h) for k, h in rec.host.items()}
             rec.pending = lambda: {k: p.wait() for k, p in pending.items()}
             stats.activation_loads += len(rec.host)
-            stats.activation_bytes += sum(_nbytes(h) for h in rec.host.values())
+            stats.activation_bytes += sum(h.nbytes for h in rec.host.values())
         else:
             rec.pending = self.disk.read(rec.disk)
             stats.activation_loads += len(rec.disk["layout"])

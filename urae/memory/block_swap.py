@@ -37,10 +37,6 @@ def _tensors(block: nn.Module):
     return [t for t in list(block.parameters()) + list(block.buffers())]
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def safetensors_mappings() -> list[tuple[int, int]]:
     """Address ranges of this process mapped from .safetensors files (Linux; none elsewhere)."""
     spans: list[list] = []
@@ -66,7 +62,7 @@ def page_cache_source(mappings: list[tuple[int, int]]):
         if t.device.type != "cpu" or not t.is_contiguous():
             return None
         try:
-            p, n = t.data_ptr(), _nbytes(t)
+            p, n = t.data_ptr(), t.nbytes
         except RuntimeError:  # fake tensors have no address
             return None
         return t if any(a <= p and p + n <= b for a, b in mappings) else None
@@ -94,21 +90,21 @@ class BlockSwap:
             for t in _tensors(blocks[i]):
                 src = source(t.data)
                 entries.append([t, off, src])
-                off += aligned(_nbytes(t))
+                off += aligned(t.nbytes)
                 if src is None:
                     convert.append(entries[-1])
-                    self.converted_bytes += aligned(_nbytes(t))
+                    self.converted_bytes += aligned(t.nbytes)
                 else:
-                    self.page_cache_bytes += _nbytes(t)
+                    self.page_cache_bytes += t.nbytes
             self.layout[i] = entries
-        self.slot_bytes = max(e[-1][1] + aligned(_nbytes(e[-1][0])) for e in self.layout.values())
+        self.slot_bytes = max(e[-1][1] + aligned(e[-1][0].nbytes) for e in self.layout.values())
         self.converted = HostBuffer(self.converted_bytes, pin=False)
         off = 0
         for e in convert:  # one tensor at a time, so the originals are freed as the buffer fills
             t = e[0]
             e[2] = self.converted.view(off, t.shape, t.dtype)
             e[2].copy_(t.data)
-            off += aligned(_nbytes(t))
+            off += aligned(t.nbytes)
         for i in self.layout:
             for t, _, _ in self.layout[i]:
                 t.data = torch.empty(0, dtype=t.dtype, device=mover.device)
@@ -130,7 +126,7 @@ class BlockSwap:
         return i >= self.first_swapped
 
     def swapped_block_bytes(self) -> int:
-        return sum(_nbytes(src) for es in self.layout.values() for _, _, src in es)
+        return sum(src.nbytes for es in self.layout.values() for _, _, src in es)
 
     # ---- moves ----
 
@@ -149,7 +145,7 @@ class BlockSwap:
         base, used, payload = r * self.slot_bytes, 0, 0
         for _, off, src in self.layout[i]:
             self.staging.view(base + off, src.shape, src.dtype).copy_(src)  # page cache (or converted) -> pinned
-            used, payload = off + _nbytes(src), payload + _nbytes(src)
+            used, payload = off + src.nbytes, payload + src.nbytes
         # the side stream waits for the compute stream: the block that last used this device buffer is done
         pending = self.mover.to_device(self.staging.data[base:base + used], out=self.slots[s][:used])
         self._stage_events[r] = pending.event
@@ -164,7 +160,7 @@ class BlockSwap:
         self.pending.pop(i).wait()
         slot = self.slots[i % DEVICE_BUFFERS]
         for t, off, src in self.layout[i]:
-            t.data = slot[off:off + _nbytes(src)].view(src.dtype).view(src.shape)
+            t.data = slot[off:off + src.nbytes].view(src.dtype).view(src.shape)
         self.loaded.add(i)
 
     def unload(self, i: int) -> None:
