@@ -297,7 +297,7 @@ def check_free_space(out_dir: Path, state_bytes: int) -> None:
 
 def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     """Check everything that needs no model, in the order a user would fix it."""
-    from urae.adapters import check_adapter_file
+    from urae.adapters import check_adapter_file, check_adapter_fits, resolve_lora_file
     from urae.optim import check_optimizer
 
     out_dir, resume_path = _check_output(cfg)
@@ -307,9 +307,11 @@ def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
     options, found = _check_data(cfg, is_main)
     _check_captions(cfg, found)
     _check_batches(cfg, found, world)
+    base_lora = None
     if cfg["base_lora"]:
         _check_base_lora(cfg["base_lora"])
-        check_adapter_file(cfg["base_lora"])
+        base_lora = resolve_lora_file(cfg["base_lora"])  # once: a hub name is a download request
+        check_adapter_file(base_lora)
     location = _check_model(cfg)
     _check_quantised(cfg, location, is_main)
     model_config = transformer_config(location)
@@ -320,10 +322,8 @@ def make_plan(cfg: dict, is_main: bool = True, world: int = 1) -> RunPlan:
         if why:
             raise ConfigError(f"pretrained_model_name_or_path: {location} is not downloaded yet and cannot be: {why}. "
                               f"Check the network and your login (FLUX.1-dev is gated), or pass a local folder")
-    if cfg["base_lora"]:  # another architecture or width, before the transformer loads
-        from urae.adapters import check_adapter_fits, resolve_lora_file
-
-        check_adapter_fits(resolve_lora_file(cfg["base_lora"]), model_config)
+    if base_lora:  # another architecture or width, before the transformer loads
+        check_adapter_fits(base_lora, model_config)
     state_bytes = _state_bytes(cfg, model_config)
     check_free_space(out_dir, state_bytes)
     return RunPlan(out_dir, resume_path, options, found, location, model_config, state_bytes)
