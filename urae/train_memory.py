@@ -23,7 +23,6 @@ import torch
 from urae.config import ConfigError
 
 MEMORY_KEYS = ("blocks_to_swap", "fp8_base", "offload_activations", "checkpoint_segments")
-SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 FLUX_BLOCKS = (19, 38)  # FLUX.1-dev/schnell: double-stream, single-stream
 
 log = logging.getLogger("urae")
@@ -134,12 +133,15 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
     w, h = parse_resolution(cfg["resolution"])
     batch = cfg["train_batch_size"]
     total = device_memory_bytes(device)
-    auto = cfg["memory"] == "auto" and total is not None and not fsdp and cfg["gradient_checkpointing"]
-    in_page_cache = weights_in_page_cache(cfg, model_location)
-    pinned, ram = host_budgets(cfg["host_memory_budget"])
+    gpu = not fsdp and total is not None and cfg["gradient_checkpointing"]  # one process's memory to fit
+    auto = cfg["memory"] == "auto" and gpu
+    # the model files' headers and the machine's RAM matter only when there is a GPU to fit
+    in_page_cache = weights_in_page_cache(cfg, model_location) if gpu else True
+    pinned, ram = host_budgets(cfg["host_memory_budget"]) if gpu else (None, None)
+    peak = None
     if auto:
         try:  # the keys the user set stay as set; auto chooses the others
-            options, _ = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
+            options, peak = choose_memory(total, w, h, batch_size=batch, rank=cfg["network_dim"],
                                        host_budget_bytes=pinned, fixed=explicit, host_ram_bytes=ram,
                                        weights_in_page_cache=in_page_cache)
         except MemoryConfigError as e:
@@ -174,7 +176,7 @@ def resolve_memory(cfg: dict, device: torch.device, model_config: dict | None, f
         except OSError as e:
             raise ConfigError(f"offload_activations = disk: cannot use {disk_dir} for its file ({e.strerror}); set "
                               f"activation_dir to a folder on a fast local disk") from None
-    gpu = not fsdp and total is not None and cfg["gradient_checkpointing"]
-    peak = estimate_peak_bytes(options, w, h, batch_size=batch, rank=cfg["network_dim"]) if gpu else None
+    if gpu and peak is None:
+        peak = estimate_peak_bytes(options, w, h, batch_size=batch, rank=cfg["network_dim"])
     costs = step_costs(options, w, h, batch, ram, in_page_cache) if gpu else {}
     return MemoryChoice(options, peak, how, costs, disk_dir, cfg["max_train_steps"] * cfg["gradient_accumulation_steps"])
